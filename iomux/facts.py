@@ -1,0 +1,105 @@
+"""iomux probe: the facts of this host that explain how the server behaves here.
+
+Everything is read from the running system by capability or from the kernel's
+own files; nothing is assumed from the OS's name. A fact that cannot be read
+is None, never a guess.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import resource
+import shutil
+import socket
+import subprocess
+import sys
+from typing import Any, Dict, Optional
+
+from iomux import __version__, backends
+
+
+def _rlimit_nofile() -> Dict[str, Optional[int]]:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+
+    def finite(value: int) -> Optional[int]:
+        return None if value == resource.RLIM_INFINITY else int(value)
+
+    return {"soft": finite(soft), "hard": finite(hard)}
+
+
+def _sysctl(name: str) -> Optional[str]:
+    path = shutil.which("sysctl") or next(
+        (p for p in ("/sbin/sysctl", "/usr/sbin/sysctl") if os.path.exists(p)), None
+    )
+    if path is None:
+        return None
+    try:
+        done = subprocess.run(
+            [path, "-n", name], capture_output=True, text=True, timeout=5, check=False
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    value = done.stdout.strip()
+    return value if done.returncode == 0 and value else None
+
+
+def somaxconn() -> Optional[int]:
+    """The kernel's cap on a listen() backlog, or None if it cannot be read.
+
+    Linux: /proc/sys/net/core/somaxconn. FreeBSD: kern.ipc.soacceptqueue
+    (kern.ipc.somaxconn is its old alias, and the name on macOS and the other BSDs).
+    """
+    try:
+        with open("/proc/sys/net/core/somaxconn", encoding="ascii") as f:
+            return int(f.read().strip())
+    except (OSError, ValueError):
+        pass
+    for name in ("kern.ipc.soacceptqueue", "kern.ipc.somaxconn"):
+        value = _sysctl(name)
+        if value is not None:
+            try:
+                return int(value)
+            except ValueError:
+                continue
+    return None
+
+
+def _os_release() -> Optional[str]:
+    # The distribution's name, where it says (Linux); the BSDs' uname is enough.
+    try:
+        with open("/etc/os-release", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("PRETTY_NAME="):
+                    return line.split("=", 1)[1].strip().strip('"')
+    except OSError:
+        pass
+    return None
+
+
+def collect() -> Dict[str, Any]:
+    """Return the host facts as a JSON-ready dict."""
+    uname = os.uname()
+    offered = backends.available()
+    try:
+        auto: Optional[str] = backends.auto()
+    except Exception:
+        auto = None
+    return {
+        "os": uname.sysname,
+        "os_family": sys.platform.rstrip("0123456789"),
+        "distribution": _os_release(),
+        "kernel": uname.release,
+        "kernel_version": uname.version,
+        "machine": uname.machine,
+        "python": platform.python_version(),
+        "python_implementation": platform.python_implementation(),
+        "backends": offered,
+        "auto": auto,
+        "known_backends": list(backends.KNOWN),
+        "rlimit_nofile": _rlimit_nofile(),
+        "somaxconn": somaxconn(),
+        "so_reuseport": hasattr(socket, "SO_REUSEPORT"),
+        "so_reuseport_lb": hasattr(socket, "SO_REUSEPORT_LB"),
+        "iomux": __version__,
+    }

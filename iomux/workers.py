@@ -1,0 +1,269 @@
+"""--workers N: N processes serving one port, and the parent that supervises them.
+
+Kernel facts, and what follows for us:
+
+- Linux (3.9+) SO_REUSEPORT lets several sockets of one user bind the same
+  port and *balances* incoming connections between the listening ones by a
+  hash of the 4-tuple. Each worker opens its own listener, so each has its own
+  accept queue and no thundering herd.
+- FreeBSD 12+ spells that SO_REUSEPORT_LB (Python 3.12+ exposes it). FreeBSD's
+  and macOS's plain SO_REUSEPORT only allows the shared bind; connections all
+  go to one socket, so there it is no way to share load.
+- Elsewhere the parent opens one listener before fork and every worker
+  inherits it: one accept queue, all workers woken, the kernel hands each
+  connection to one of them.
+- With --port 0 the parent must pick the port before the workers bind: it binds
+  a reuse-port socket without listen(). A socket that never listens receives no
+  connections, and it keeps the port reserved while workers are restarted.
+- A worker's death is a SIGCHLD; ``signal.set_wakeup_fd`` turns it (and
+  SIGTERM/SIGINT/SIGUSR1) into a byte on a socket the parent waits on.
+  Signals are blocked across fork() so a worker cannot be hit by one before
+  it has installed its own handlers (it unblocks them then).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import select
+import signal
+import socket
+import sys
+import time
+from typing import Dict, List, Optional, Type
+
+from iomux.backends.base import Multiplexer
+from iomux.errors import IomuxError, RuntimeFailure
+from iomux.server import (
+    STATS_SIGNALS,
+    STOP_SIGNALS,
+    Server,
+    ServerConfig,
+    log,
+    open_listener,
+    ready_line,
+    watch_stdin,
+    write_ready_file,
+)
+
+# A worker that dies this many times within RESTART_WINDOW seconds is given up on.
+MAX_RESTARTS = 5
+RESTART_WINDOW = 10.0
+# After forwarding SIGTERM, how long beyond the drain timeout to wait before SIGKILL.
+KILL_GRACE = 3.0
+
+
+def reuse_port_option() -> Optional[int]:
+    """The socket option that balances connections among listeners, or None."""
+    if hasattr(socket, "SO_REUSEPORT_LB"):
+        return int(socket.SO_REUSEPORT_LB)
+    # Only Linux balances on plain SO_REUSEPORT; the BSDs and macOS accept the
+    # option but hand every connection to one socket (see the module essay).
+    if hasattr(socket, "SO_REUSEPORT") and sys.platform.startswith("linux"):
+        return int(socket.SO_REUSEPORT)
+    return None
+
+
+class Supervisor:
+    """The parent of ``--workers N``: starts, restarts, signals and waits for the workers."""
+
+    def __init__(self, config: ServerConfig, mux_cls: Type[Multiplexer]) -> None:
+        self.config = config
+        self.mux_cls = mux_cls
+        self.reuse = reuse_port_option()
+        if self.reuse is not None:
+            self.shared: socket.socket = open_listener(
+                config.host, config.port, reuse_option=self.reuse, listen=False
+            )
+        else:
+            self.shared = open_listener(config.host, config.port)
+        host, port = self.shared.getsockname()[:2]
+        self.host = str(host)
+        self.port = int(port)
+        self.children: Dict[int, int] = {}  # pid -> slot
+        self.deaths: Dict[int, List[float]] = {}  # slot -> recent death times
+        self.ready_r, self.ready_w = os.pipe()
+        # Workers watch life_r: EOF there means this process is gone, so that
+        # no worker outlives its supervisor holding the port.
+        self.life_r, self.life_w = os.pipe()
+        self.wake_r, self.wake_w = socket.socketpair()
+        self.wake_r.setblocking(False)
+        self.wake_w.setblocking(False)
+
+    def _spawn(self, slot: int) -> None:
+        signals = STOP_SIGNALS + STATS_SIGNALS
+        signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+        try:
+            pid = os.fork()
+        except OSError as exc:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, signals)
+            raise RuntimeFailure(f"cannot start worker {slot}: {exc.strerror}") from None
+        if pid == 0:
+            self._worker(slot)  # never returns
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, signals)
+        self.children[pid] = slot
+
+    def _worker(self, slot: int) -> None:
+        status = 1
+        try:
+            signal.set_wakeup_fd(-1)
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            self.wake_r.close()
+            self.wake_w.close()
+            os.close(self.ready_r)
+            os.close(self.life_w)
+            if self.reuse is not None:
+                listener = open_listener(self.host, self.port, reuse_option=self.reuse)
+                self.shared.close()
+            else:
+                listener = self.shared
+            ready_w = self.ready_w
+
+            def report_ready(server: Server) -> None:
+                os.write(ready_w, f"{os.getpid()}\n".encode())
+
+            server = Server(
+                self.config, listener, self.mux_cls, on_ready=report_ready, watch_stdin=False, lifeline=self.life_r
+            )
+            status = server.serve()
+        except IomuxError as exc:
+            log(f"iomux: error: worker {slot}: {exc.message}")
+            status = exc.status
+        except BaseException as exc:  # a worker must never fall back into the parent's code
+            log(f"iomux: error: worker {slot}: {type(exc).__name__}: {exc}")
+            status = 1
+        finally:
+            try:
+                sys.stderr.flush()
+            finally:
+                os._exit(status)
+
+    def run(self) -> int:
+        """Start the workers, print the ready line once all listen, supervise; exit status."""
+        signals = (*STOP_SIGNALS, *STATS_SIGNALS, signal.SIGCHLD)
+        old = {sig: signal.signal(sig, _ignore) for sig in signals}
+        old_wakeup = signal.set_wakeup_fd(self.wake_w.fileno(), warn_on_full_buffer=False)
+        try:
+            for slot in range(self.config.workers):
+                self._spawn(slot)
+            return self._supervise()
+        finally:
+            self._kill_all(signal.SIGKILL)
+            self._reap(block=True)
+            signal.set_wakeup_fd(old_wakeup)
+            for sig, handler in old.items():
+                signal.signal(sig, handler)
+            self.shared.close()
+            self.wake_r.close()
+            self.wake_w.close()
+            for fd in (self.ready_r, self.ready_w, self.life_r, self.life_w):
+                os.close(fd)
+
+    def _supervise(self) -> int:
+        cfg = self.config
+        ready: set[int] = set()
+        announced = False
+        stopping = False
+        kill_at = 0.0
+        if cfg.stop_on_stdin:
+            watch_stdin(self.wake_w)
+        partial = b""
+        while True:
+            timeout = 1.0
+            if stopping:
+                timeout = max(0.0, min(timeout, kill_at - time.monotonic()))
+            try:
+                readable, _, _ = select.select([self.wake_r.fileno(), self.ready_r], [], [], timeout)
+            except InterruptedError:
+                continue
+            if self.ready_r in readable:
+                partial += os.read(self.ready_r, 4096)
+                *lines, partial = partial.split(b"\n")
+                ready.update(int(line) for line in lines if line.strip())
+                if not announced and all(pid in ready for pid in self.children) and len(
+                    self.children
+                ) == cfg.workers:
+                    announced = True
+                    if cfg.ready_file:
+                        write_ready_file(
+                            cfg.ready_file, self.host, self.port, self.mux_cls.name, os.getpid(), cfg.workers
+                        )
+                    log(ready_line(self.host, self.port, self.mux_cls.name, os.getpid(), cfg.workers))
+            if self.wake_r.fileno() in readable:
+                try:
+                    data = self.wake_r.recv(4096)
+                except BlockingIOError:
+                    data = b""
+                for signum in data:
+                    if signum == 0 or signum in STOP_SIGNALS:
+                        if not stopping:
+                            stopping = True
+                            kill_at = time.monotonic() + cfg.drain_timeout + KILL_GRACE
+                        # Pass the signal on as it came (stdin's stop is a SIGTERM): the
+                        # workers' shutdown lines then name what the parent received.
+                        self._kill_all(signum or signal.SIGTERM)
+                    elif signum in STATS_SIGNALS:
+                        self._kill_all(signal.SIGUSR1)
+            for pid, slot, status in self._reap(block=False):
+                if stopping:
+                    continue
+                if not announced:
+                    self._kill_all(signal.SIGTERM)
+                    raise RuntimeFailure(f"worker {slot} exited with status {status} before listening")
+                if not self._may_restart(slot):
+                    self._kill_all(signal.SIGTERM)
+                    raise RuntimeFailure(f"worker {slot} keeps dying (status {status}); giving up")
+                if not cfg.quiet:
+                    log(f"worker {slot} pid={pid} exited with status {status}; restarting")
+                self._spawn(slot)
+            if stopping and not self.children:
+                return 0
+            if stopping and time.monotonic() >= kill_at:
+                self._kill_all(signal.SIGKILL)
+
+    def _may_restart(self, slot: int) -> bool:
+        now = time.monotonic()
+        recent = [t for t in self.deaths.get(slot, []) if now - t < RESTART_WINDOW]
+        recent.append(now)
+        self.deaths[slot] = recent
+        return len(recent) <= MAX_RESTARTS
+
+    def _reap(self, block: bool) -> List[tuple[int, int, int]]:
+        dead = []
+        while self.children:
+            try:
+                pid, wstatus = os.waitpid(-1, 0 if block else os.WNOHANG)
+            except ChildProcessError:
+                self.children.clear()
+                break
+            if pid == 0:
+                break
+            slot = self.children.pop(pid, -1)
+            if slot >= 0:
+                dead.append((pid, slot, _exit_status(wstatus)))
+        return dead
+
+    def _kill_all(self, sig: int) -> None:
+        for pid in list(self.children):
+            try:
+                os.kill(pid, sig)
+            except OSError as exc:
+                if exc.errno != errno.ESRCH:
+                    raise  # ESRCH: already dead, reaped on the next SIGCHLD
+
+
+def _exit_status(wstatus: int) -> int:
+    if os.WIFEXITED(wstatus):
+        return os.WEXITSTATUS(wstatus)
+    if os.WIFSIGNALED(wstatus):
+        return 128 + os.WTERMSIG(wstatus)
+    return 1
+
+
+def _ignore(signum: int, frame: object) -> None:
+    """Python-level handler: the wakeup fd already carries the signal number."""
+
+
+def serve_workers(config: ServerConfig, mux_cls: Type[Multiplexer]) -> int:
+    """Serve with ``config.workers`` processes; return the exit status."""
+    return Supervisor(config, mux_cls).run()
