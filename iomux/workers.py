@@ -6,7 +6,8 @@ Kernel facts, and what follows for us:
   port and *balances* incoming connections between the listening ones by a
   hash of the 4-tuple. Each worker opens its own listener, so each has its own
   accept queue and no thundering herd.
-- FreeBSD 12+ spells that SO_REUSEPORT_LB (Python 3.12+ exposes it). FreeBSD's
+- FreeBSD 12+ spells that SO_REUSEPORT_LB (0x00010000 in <sys/socket.h>;
+  Python exposes the name only from 3.12, and FreeBSD boxes ship 3.11). FreeBSD's
   and macOS's plain SO_REUSEPORT only allows the shared bind; connections all
   go to one socket, so there it is no way to share load.
 - Elsewhere the parent opens one listener before fork and every worker
@@ -46,6 +47,8 @@ from iomux.server import (
     write_ready_file,
 )
 
+# <sys/socket.h> on FreeBSD 12.0 and later.
+FREEBSD_SO_REUSEPORT_LB = 0x00010000
 # A worker that dies this many times within RESTART_WINDOW seconds is given up on.
 MAX_RESTARTS = 5
 RESTART_WINDOW = 10.0
@@ -57,6 +60,9 @@ def reuse_port_option() -> Optional[int]:
     """The socket option that balances connections among listeners, or None."""
     if hasattr(socket, "SO_REUSEPORT_LB"):
         return int(socket.SO_REUSEPORT_LB)
+    if sys.platform.startswith("freebsd"):
+        # The kernel has it (12.0+) even where this Python does not name it.
+        return FREEBSD_SO_REUSEPORT_LB
     # Only Linux balances on plain SO_REUSEPORT; the BSDs and macOS accept the
     # option but hand every connection to one socket (see the module essay).
     if hasattr(socket, "SO_REUSEPORT") and sys.platform.startswith("linux"):
