@@ -1,0 +1,30 @@
+"""Fixtures of the black-box server suite: start iomux servers, always reap them."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+# The helper module sits beside this file. pytest's default import mode puts
+# this directory on sys.path; --import-mode=importlib does not, so do it here
+# (this directory is copied alone into every target).
+if str(Path(__file__).resolve().parent) not in sys.path:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from serverproc import ServerFactory
+
+
+@pytest.fixture
+def servers(tmp_path: Path) -> Iterator[ServerFactory]:
+    """A factory of servers; teardown kills what is left and rejects any traceback."""
+    factory = ServerFactory(tmp_path)
+    try:
+        yield factory
+    finally:
+        factory.close()
+    # After close(), so that the check sees every line the servers wrote.
+    for server in factory.servers:
+        server.assert_no_traceback()
