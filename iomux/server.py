@@ -150,13 +150,25 @@ def write_ready_file(path: str, host: str, port: int, backend: str, pid: int, wo
 
 def resolve_address(host: str, port: int) -> Tuple[int, Tuple[object, ...]]:
     """Return (family, sockaddr) for a listening address; UsageError if it is bad."""
+    # A listening address is one of this host's own, so it is taken as a
+    # numeric address: a name would send a DNS query off the machine, and a
+    # typo would wait for the resolver's timeout. "localhost" is the one name
+    # accepted, and it means the IPv4 loopback.
+    if host == "localhost":
+        host = "127.0.0.1"
     try:
         infos = socket.getaddrinfo(
-            host, port, socket.AF_UNSPEC, socket.SOCK_STREAM, 0, socket.AI_PASSIVE
+            host,
+            port,
+            socket.AF_UNSPEC,
+            socket.SOCK_STREAM,
+            0,
+            socket.AI_PASSIVE | socket.AI_NUMERICHOST,
         )
     except (socket.gaierror, UnicodeError) as exc:
-        reason = exc.strerror if isinstance(exc, socket.gaierror) else str(exc)
-        raise UsageError(f"bad address {host!r}: {reason}") from None
+        raise UsageError(
+            f"bad address {host!r}: expected a numeric IP address of this host or localhost"
+        ) from exc
     family, _, _, _, sockaddr = infos[0]
     return family, tuple(sockaddr)
 
