@@ -1,0 +1,175 @@
+"""Claim: epoll needs one call per registration, kqueue batches many changes into
+one kevent() (write-up: "当有100个文件描述符来注册事件时, 需要进行一百次的epoll.register()
+... kqueue()可以在单个kevent中注册多个事件").
+
+Facts this probe relies on:
+- select.epoll.register() is one epoll_ctl(EPOLL_CTL_ADD) system call.
+- SEL.kqueue.control(changelist, 0, 0) hands the whole changelist to one
+  kevent() call (CPython copies it into one C array).
+- System calls are counted from outside the process, by strace(1) on Linux and
+  truss(1) on FreeBSD, in a child that registers N fds, minus a child that
+  registers none (interpreter start-up noise). Where no tracer works (no
+  binary, ptrace forbidden, macOS's dtruss needing root) the count is left out
+  with the reason, never guessed.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any, Dict, List, Optional, Tuple
+
+from iomux.probes._common import (
+    NO_EPOLL,
+    NO_KQUEUE,
+    SEL,
+    IdleSockets,
+    ProbeContext,
+    has_epoll,
+    has_kqueue,
+    raise_nofile,
+    unavailable,
+)
+
+FULL_FDS = 1000
+REPEATS = 5
+
+# The child the tracer watches: make N idle fds, register them, exit.
+CHILD = """
+import select, socket, sys
+n, mech = int(sys.argv[1]), sys.argv[2]
+socks = [socket.socketpair() for _ in range((n + 1) // 2)]
+fds = [s.fileno() for pair in socks for s in pair][:n]
+if mech == "epoll":
+    ep = select.epoll()
+    for fd in fds:
+        ep.register(fd, select.EPOLLIN)
+else:
+    kq = SEL.kqueue()
+    kq.control([SEL.kevent(fd, SEL.KQ_FILTER_READ, SEL.KQ_EV_ADD) for fd in fds], 0, 0)
+"""
+
+
+def _time_epoll(fds: List[int]) -> float:
+    ep = select.epoll()
+    try:
+        t0 = time.perf_counter()
+        for fd in fds:
+            ep.register(fd, select.EPOLLIN)
+        return time.perf_counter() - t0
+    finally:
+        ep.close()
+
+
+def _time_kqueue(fds: List[int], batched: bool) -> float:
+    kq = SEL.kqueue()
+    try:
+        changes = [SEL.kevent(fd, SEL.KQ_FILTER_READ, SEL.KQ_EV_ADD) for fd in fds]
+        t0 = time.perf_counter()
+        if batched:
+            kq.control(changes, 0, 0)
+        else:
+            for ch in changes:
+                kq.control([ch], 0, 0)
+        return time.perf_counter() - t0
+    finally:
+        kq.close()
+
+
+def _parse_counts(text: str, syscall: str) -> Optional[int]:
+    # strace -c: "% time seconds usecs/call calls [errors] syscall";
+    # truss -c:  "syscall seconds calls errors". The name's position tells which.
+    for line in text.splitlines():
+        tokens = line.split()
+        if not tokens:
+            continue
+        try:
+            if tokens[-1] == syscall and len(tokens) >= 5:
+                return int(tokens[3])
+            if tokens[0] == syscall and len(tokens) >= 3:
+                return int(tokens[2])
+        except ValueError:
+            continue
+    return None
+
+
+def _tracer(syscall: str) -> Tuple[Optional[List[str]], str]:
+    strace = shutil.which("strace")
+    if strace:
+        return [strace, "-f", "-c", "-e", f"trace={syscall}", "-o"], "strace"
+    truss = shutil.which("truss")
+    if truss and sys.platform.startswith("freebsd"):
+        return [truss, "-f", "-c", "-o"], "truss"
+    return None, "no strace or truss on this system (macOS dtruss needs root and SIP off)"
+
+
+def _count(mech: str, syscall: str, n: int, timeout: float) -> Dict[str, Any]:
+    prefix, tool = _tracer(syscall)
+    if prefix is None:
+        return {"syscalls": None, "why": tool}
+    counts: List[int] = []
+    with tempfile.TemporaryDirectory(prefix="iomux-probe-") as tmp:
+        for size in (0, n):
+            out = os.path.join(tmp, f"trace-{size}.txt")
+            argv = [*prefix, out, sys.executable, "-c", CHILD, str(size), mech]
+            try:
+                proc = subprocess.run(argv, capture_output=True, text=True,
+                                      timeout=max(1.0, timeout), check=False)
+            except subprocess.TimeoutExpired:
+                return {"syscalls": None, "tool": tool, "why": f"{tool} timed out"}
+            try:
+                with open(out) as f:
+                    text = f.read()
+            except OSError:
+                text = ""
+            if proc.returncode != 0:
+                last = (proc.stderr.strip().splitlines() or ["no message"])[-1]
+                return {"syscalls": None, "tool": tool,
+                        "why": f"{tool} exited {proc.returncode}: {last}"}
+            counts.append(_parse_counts(text, syscall) or 0)
+    calls = counts[1] - counts[0]
+    return {"syscalls": calls, "syscalls_per_fd": calls / n, "baseline": counts[0],
+            "tool": tool, "syscall": syscall, "fds": n}
+
+
+def probe(ctx: ProbeContext) -> Dict[str, Any]:
+    """Time per registered fd, and system calls per batch, for epoll and kqueue."""
+    raise_nofile()
+    n = ctx.size(FULL_FDS, 50)
+    pool = IdleSockets()
+    out: Dict[str, Any] = {"fds": n, "repeats": REPEATS}
+    try:
+        fds = pool.grow_to(n)
+        if has_epoll():
+            times = [_time_epoll(fds) for _ in range(REPEATS)]
+            out["epoll"] = {"calls": "one epoll.register() per fd",
+                            "per_fd_s": statistics.median(times) / n}
+        else:
+            out["epoll"] = unavailable(NO_EPOLL)
+        if has_kqueue():
+            batched = [_time_kqueue(fds, True) for _ in range(REPEATS)]
+            single = [_time_kqueue(fds, False) for _ in range(REPEATS)]
+            out["kqueue"] = {"calls": "one kqueue.control() with a changelist of all fds",
+                             "per_fd_s": statistics.median(batched) / n,
+                             "per_fd_one_by_one_s": statistics.median(single) / n}
+        else:
+            out["kqueue"] = unavailable(NO_KQUEUE)
+    finally:
+        pool.close()
+    # The traced children (an interpreter start each, under ptrace) are the
+    # slow part; each may use what is left of the allowance.
+    for mech, syscall in (("epoll", "epoll_ctl"), ("kqueue", "kevent")):
+        rec = out[mech]
+        if rec.get("available") is False:
+            continue
+        if ctx.left() <= 0:
+            rec.update({"syscalls": None, "why": "time budget ran out before tracing"})
+            continue
+        rec.update(_count(mech, syscall, n, ctx.left()))
+    return out

@@ -1,0 +1,162 @@
+"""Claim: select's cost grows with the number of fds, epoll's does not
+(write-up: "epoll()不会随着fd的数目增长而降低效率, 在select()中需要用轮询来找到就绪的fd").
+
+Facts this probe relies on:
+- select() and poll() hand the kernel the whole fd list on every call and the
+  kernel polls each fd, so a wait costs O(watched fds). CPython's select()
+  also rebuilds its fd_set from the Python lists on every call (Python-side
+  O(n)); select.poll keeps its pollfd array between calls.
+- epoll_wait() and kevent() only walk the ready list, so a wait costs
+  O(ready fds) however many idle fds are registered.
+- select() raises ValueError once any fd number reaches FD_SETSIZE (1024), so
+  its line stops there: recorded as null with the error.
+
+Method: one socketpair with a byte waiting (the one active fd) plus N idle
+socketpair ends; each wait has timeout 0 and must report exactly the active
+fd. Waits are timed in batches and the median per-wait time is kept.
+"""
+
+from __future__ import annotations
+
+import select
+import socket
+from typing import Any, Callable, Dict, List, Optional
+
+from iomux.probes._common import (
+    NO_EPOLL,
+    NO_KQUEUE,
+    NO_POLL,
+    SEL,
+    IdleSockets,
+    ProbeContext,
+    has_epoll,
+    has_kqueue,
+    median_per_call,
+    nofile_soft,
+    open_fd_count,
+    raise_nofile,
+)
+
+IDLE_COUNTS = [0, 100, 1000, 10000]
+BACKENDS = ["select", "poll", "epoll", "kqueue"]
+BATCH = 10
+
+
+class _Waiter:
+    """One backend watching the active fd plus a growing set of idle fds."""
+
+    def __init__(self, kind: str, active: int) -> None:
+        self.kind = kind
+        self.active = active
+        self.fds: List[int] = [active]
+        self._poll: Any = None
+        if kind == "poll":
+            self._poll = select.poll()
+            self._poll.register(active, select.POLLIN)
+        elif kind == "epoll":
+            self._poll = select.epoll()
+            self._poll.register(active, select.EPOLLIN)
+        elif kind == "kqueue":
+            self._poll = SEL.kqueue()
+            self._poll.control([SEL.kevent(active, SEL.KQ_FILTER_READ,
+                                              SEL.KQ_EV_ADD)], 0, 0)
+
+    def add(self, fds: List[int]) -> None:
+        self.fds.extend(fds)
+        if self.kind == "poll":
+            for fd in fds:
+                self._poll.register(fd, select.POLLIN)
+        elif self.kind == "epoll":
+            for fd in fds:
+                self._poll.register(fd, select.EPOLLIN)
+        elif self.kind == "kqueue":
+            self._poll.control([SEL.kevent(fd, SEL.KQ_FILTER_READ, SEL.KQ_EV_ADD)
+                                for fd in fds], 0, 0)
+
+    def wait_fn(self) -> Callable[[], int]:
+        if self.kind == "select":
+            fds = self.fds
+            return lambda: len(select.select(fds, [], [], 0)[0])
+        if self.kind == "poll":
+            p = self._poll
+            return lambda: len(p.poll(0))
+        if self.kind == "epoll":
+            ep = self._poll
+            return lambda: len(ep.poll(0, 8))
+        kq = self._poll
+        return lambda: len(kq.control(None, 8, 0))
+
+    def close(self) -> None:
+        if self.kind in ("epoll", "kqueue"):
+            self._poll.close()
+
+
+def probe(ctx: ProbeContext) -> Dict[str, Any]:
+    """Median seconds per wait, per backend, at each idle-fd count."""
+    raise_nofile()
+    avail = {"select": (True, ""), "poll": (hasattr(select, "poll"), NO_POLL),
+             "epoll": (has_epoll(), NO_EPOLL), "kqueue": (has_kqueue(), NO_KQUEUE)}
+    counts = IDLE_COUNTS if ctx.scale >= 1.0 else sorted({ctx.size(n, 0) for n in IDLE_COUNTS})
+    series: Dict[str, List[Optional[float]]] = {b: [] for b in BACKENDS}
+    waits: Dict[str, List[int]] = {b: [] for b in BACKENDS}
+    notes: Dict[str, str] = {b: why for b, (ok, why) in avail.items() if not ok}
+    room = nofile_soft() - open_fd_count() - 64
+    a, b = socket.socketpair()
+    b.send(b"x")
+    pool = IdleSockets()
+    waiters = {k: _Waiter(k, a.fileno()) for k, (ok, _) in avail.items() if ok}
+    added = 0
+    try:
+        cells_left = len(counts) * len(waiters)
+        for n in counts:
+            if n > room:
+                for k in BACKENDS:
+                    series[k].append(None)
+                    waits[k].append(0)
+                notes[f"n={n}"] = f"RLIMIT_NOFILE soft={nofile_soft()} leaves room for {room} fds"
+                cells_left -= len(waiters)
+                continue
+            if ctx.expired():
+                for k in BACKENDS:
+                    series[k].append(None)
+                    waits[k].append(0)
+                notes[f"n={n}"] = "time budget ran out before this size"
+                cells_left -= len(waiters)
+                continue
+            fresh = pool.grow_to(n)[added:]
+            added = n
+            for k in BACKENDS:
+                w = waiters.get(k)
+                if w is None:
+                    series[k].append(None)
+                    waits[k].append(0)
+                    continue
+                try:
+                    w.add(fresh)
+                    fn = w.wait_fn()
+                    ready = fn()
+                except ValueError as exc:
+                    # select() past FD_SETSIZE: the line stops here.
+                    series[k].append(None)
+                    waits[k].append(0)
+                    notes.setdefault(k, f"stops at n={n}: ValueError: {exc} "
+                                        f"(highest fd {max(w.fds)})")
+                    cells_left -= 1
+                    continue
+                if ready != 1:
+                    notes[f"{k} n={n}"] = f"reported {ready} ready fds, expected 1"
+                # Each cell gets an equal share of the time that is left.
+                share = max(0.02, ctx.left() / max(1, cells_left))
+                per_wait, calls = median_per_call(fn, BATCH, max_batches=ctx.size(40, 3),
+                                                  min_batches=3, seconds=share)
+                series[k].append(per_wait)
+                waits[k].append(calls)
+                cells_left -= 1
+    finally:
+        for w in waiters.values():
+            w.close()
+        pool.close()
+        a.close()
+        b.close()
+    return {"idle_counts": counts, "backends": series, "waits_timed": waits, "notes": notes,
+            "unit": "seconds per wait (median), timeout 0, 1 ready fd"}
