@@ -81,19 +81,17 @@ def _cmd_probe(args: argparse.Namespace) -> int:
     result: Dict[str, Any] = facts.collect()
     selection = args.probes.strip()
     if selection != "none":
+        from iomux import probes
+
         names: Optional[List[str]] = None
         if selection != "all":
             names = [n.strip() for n in selection.split(",") if n.strip()]
-            if not names:
-                raise UsageError("--probes takes all, none or NAME,NAME")
-        try:
-            probes_mod: Any = importlib.import_module("iomux.probes")
-        except ImportError as exc:
-            if names is not None:
-                raise RuntimeFailure(f"behaviour probes are not available: {exc}") from None
-            probes_mod = None  # host facts only: the probes are an optional part
-        if probes_mod is not None:
-            result["probes"] = probes_mod.run(names)
+            unknown = [n for n in names if n not in probes.PROBES]
+            if not names or unknown:
+                raise UsageError(
+                    f"--probes takes all, none or names among: {', '.join(probes.PROBES)}"
+                )
+        result["probes"] = probes.run(names)
     if args.json:
         print(json.dumps(result, indent=2, sort_keys=True))
     else:

@@ -100,6 +100,7 @@ def collect() -> Dict[str, Any]:
         "rlimit_nofile": _rlimit_nofile(),
         "somaxconn": somaxconn(),
         "so_reuseport": hasattr(socket, "SO_REUSEPORT"),
-        "so_reuseport_lb": hasattr(socket, "SO_REUSEPORT_LB"),
+        # FreeBSD 12+ has SO_REUSEPORT_LB even where Python (< 3.12) does not name it.
+        "so_reuseport_lb": hasattr(socket, "SO_REUSEPORT_LB") or sys.platform.startswith("freebsd"),
         "iomux": __version__,
     }

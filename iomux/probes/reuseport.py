@@ -19,16 +19,15 @@ import sys
 from typing import Any, Dict, List, Optional, Tuple
 
 from iomux.probes._common import ProbeContext, errno_name, unavailable
+from iomux.workers import FREEBSD_SO_REUSEPORT_LB
 
 FULL_CONNS = 1000
 
-# FreeBSD's <sys/socket.h>: #define SO_REUSEPORT_LB 0x00010000
-_FREEBSD_SO_REUSEPORT_LB = 0x00010000
 
 
 def _option() -> Tuple[Optional[str], Optional[int]]:
     if sys.platform.startswith("freebsd"):
-        return "SO_REUSEPORT_LB", getattr(socket, "SO_REUSEPORT_LB", _FREEBSD_SO_REUSEPORT_LB)
+        return "SO_REUSEPORT_LB", getattr(socket, "SO_REUSEPORT_LB", FREEBSD_SO_REUSEPORT_LB)
     if hasattr(socket, "SO_REUSEPORT"):
         return "SO_REUSEPORT", socket.SO_REUSEPORT
     return None, None
