@@ -177,19 +177,16 @@ def build_parser() -> argparse.ArgumentParser:
     check.set_defaults(handler=_cmd_check)
 
     bench = sub.add_parser("bench", help="load an echo server: requests/s, MB/s, latency p50/p99")
-    bench.add_argument("target", metavar="HOST:PORT", help="the echo server to load")
-    bench.add_argument("--conns", type=int, default=10, help="concurrent connections (default 10)")
-    bench.add_argument("--size", type=int, default=1024, help="message size in bytes (default 1024)")
-    bench.add_argument("--duration", type=float, default=5.0, help="measured seconds (default 5)")
-    bench.add_argument("--procs", type=int, default=None, help="load processes (default: one per CPU, at most one per connection)")
-    bench.add_argument("--json", action="store_true", help="print one JSON object")
+    from iomux import loadgen  # its own arguments, so the two never drift apart
+
+    loadgen.add_arguments(bench)
     bench.set_defaults(handler=_cmd_bench)
 
     report = sub.add_parser("report", help="cross-OS run reports")
     report_sub = report.add_subparsers(dest="report_command", metavar="COMMAND", parser_class=_Parser)
     merge = report_sub.add_parser("merge", help="merge results.json files from several machines")
     merge.add_argument("paths", nargs="+", metavar="RESULTS.json")
-    merge.add_argument("-o", "--output", metavar="OUT.json", help="write here (default: stdout)")
+    merge.add_argument("-o", "--output", metavar="OUT.json", help="OUT.json, or a directory (default: ./merged-report/)")
     merge.set_defaults(handler=_cmd_report_merge)
     return parser
 

@@ -28,6 +28,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Sequence
 
+from iomux.check import parse_address
 from iomux.errors import IomuxError, RuntimeFailure, UsageError
 
 # A message larger than this is still echoed; it only takes several recv calls.
@@ -64,20 +65,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def parse_target(text: str) -> tuple[str, int]:
-    """Split ``HOST:PORT`` (or ``[V6]:PORT``) into a host and a port.
-
-    Raises:
-        UsageError: the text is not HOST:PORT with a port in 1..65535.
-    """
-    host, sep, port_text = text.rpartition(":")
-    if not sep or not host or not port_text.isdigit():
-        raise UsageError(f"bad target {text!r}: expected HOST:PORT")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    port = int(port_text)
-    if not 0 < port < 65536:
-        raise UsageError(f"bad target {text!r}: port must be 1..65535")
-    return host, port
+    """Split ``HOST:PORT`` (or ``[V6]:PORT``) into a host and a port (UsageError if bad)."""
+    return parse_address(text)
 
 
 def percentile(sorted_values: Sequence[float], pct: float) -> float:
