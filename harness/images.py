@@ -56,8 +56,9 @@ LABEL_RECIPE = "io.iomux.recipe"
 
 #: Bump when the offline recipe changes in a way the hash inputs do not show.
 RECIPE_VERSION = "2"
-#: python3 for iomux; procps (ps) and iproute2 (ss) for testinfra's host checks.
-DEBOOTSTRAP_INCLUDE = ("python3", "procps", "iproute2")
+#: python3 for iomux; procps (ps) and iproute2 (ss) for testinfra's host checks;
+#: strace so that the registration probe can count system calls in the target.
+DEBOOTSTRAP_INCLUDE = ("python3", "procps", "iproute2", "strace")
 #: Debian suite -> the Python it ships, for the host-side wheel download.
 DEBIAN_SUITES: Mapping[str, str] = {"bookworm": "3.11", "trixie": "3.13"}
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
