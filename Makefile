@@ -34,9 +34,9 @@ actionlint: $(STAMP)
 
 check: lint typecheck actionlint
 
-# The host-only tests: the server on every backend this kernel has, the pieces, the harness.
+# The host-only tests: the server on every backend this kernel has, its fault suite, the pieces, the harness.
 unit: $(STAMP)
-	$(PY) -m pytest -n 2 tests/unit tests/server tests/harness $(PYTEST_ARGS)
+	$(PY) -m pytest -n 2 tests/unit tests/server tests/faults tests/harness $(PYTEST_ARGS)
 
 test: check unit test-all-os
 

@@ -1,0 +1,183 @@
+"""targets.toml -> Target records, and the selection made with ``--targets``.
+
+Every mistake a user can make here (a bad file, an unknown target name) raises
+``TargetsError`` whose message is one line; the plugin turns it into a usage
+error rather than a traceback.
+"""
+
+from __future__ import annotations
+
+import re
+import select
+import sys
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+from harness.drivers import KINDS
+from harness.drivers.base import BACKEND_PORTS, Target
+
+try:  # tomllib is 3.11+; the harness also runs on 3.9/3.10 hosts with tomli.
+    import tomllib
+except ImportError:  # pragma: no cover - exercised only on old interpreters
+    import tomli as tomllib  # type: ignore[no-redef]
+
+#: targets.toml at the root of the repository.
+DEFAULT_PATH = Path(__file__).resolve().parent.parent / "targets.toml"
+
+#: Backend names a target may list ("auto" is a choice, not a backend).
+KNOWN_BACKENDS = tuple(name for name in BACKEND_PORTS if name != "auto")
+
+#: The value of os_family/backends that means "whatever this machine is".
+HOST = "host"
+
+_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]*$")
+_COMMON_KEYS = {"name", "kind", "os_family", "backends", "image", "box", "python", "description"}
+
+
+class TargetsError(Exception):
+    """targets.toml or a ``--targets`` selection is wrong; the message is one line."""
+
+
+def host_os_family() -> str:
+    """The OS family of the machine running the harness (``linux``, ``freebsd``, ``darwin``)."""
+    for family in ("linux", "freebsd", "openbsd", "netbsd", "darwin"):
+        if sys.platform.startswith(family):
+            return family
+    return sys.platform
+
+
+def host_backends() -> tuple[str, ...]:
+    """The backends this machine's Python offers, decided by capability as iomux does."""
+    found = ["select"]
+    if hasattr(select, "poll"):
+        found.append("poll")
+    if hasattr(select, "epoll"):
+        found += ["epoll", "epoll-et"]
+    if hasattr(select, "kqueue"):
+        found += ["kqueue", "kqueue-et"]
+    return tuple(found)
+
+
+def _parse_target(raw: Mapping[str, Any], where: str) -> Target:
+    def need_str(key: str) -> str:
+        value = raw.get(key)
+        if not isinstance(value, str) or not value:
+            raise TargetsError(f"{where}: '{key}' must be a non-empty string")
+        return value
+
+    name = need_str("name")
+    if not _NAME_RE.match(name):
+        raise TargetsError(f"{where}: name {name!r} must match [a-z0-9][a-z0-9-]*")
+    where = f"{where} ({name})"
+    kind = need_str("kind")
+    if kind not in KINDS:
+        raise TargetsError(f"{where}: unknown kind {kind!r}; known kinds: {', '.join(KINDS)}")
+    os_family = need_str("os_family")
+    if os_family == HOST:
+        os_family = host_os_family()
+
+    backends_raw = raw.get("backends")
+    if backends_raw == HOST:
+        backends = host_backends()
+    elif isinstance(backends_raw, list) and backends_raw and all(
+            isinstance(b, str) for b in backends_raw):
+        unknown = [b for b in backends_raw if b not in KNOWN_BACKENDS]
+        if unknown:
+            raise TargetsError(f"{where}: unknown backend(s) {', '.join(unknown)}; "
+                               f"known: {', '.join(KNOWN_BACKENDS)}")
+        backends = tuple(backends_raw)
+    else:
+        raise TargetsError(f"{where}: 'backends' must be a non-empty list of names or \"host\"")
+
+    optional: dict[str, str | None] = {}
+    for key in ("image", "box", "python", "description"):
+        value = raw.get(key)
+        if value is not None and not isinstance(value, str):
+            raise TargetsError(f"{where}: '{key}' must be a string")
+        optional[key] = value
+    if kind == "docker" and not optional["image"]:
+        raise TargetsError(f"{where}: a docker target needs 'image'")
+    if kind == "vagrant" and not optional["box"]:
+        raise TargetsError(f"{where}: a vagrant target needs 'box'")
+
+    options = {k: v for k, v in raw.items() if k not in _COMMON_KEYS}
+    return Target(name=name, kind=kind, os_family=os_family, backends=backends,
+                  image=optional["image"], box=optional["box"], python=optional["python"],
+                  description=optional["description"] or "", options=options)
+
+
+def load(path: Path = DEFAULT_PATH) -> list[Target]:
+    """Read and check targets.toml; raise TargetsError (one line) if it is wrong."""
+    try:
+        with open(path, "rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError:
+        raise TargetsError(f"{path}: no such file") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise TargetsError(f"{path}: not valid TOML: {exc}") from None
+    extra = set(data) - {"target"}
+    if extra:
+        raise TargetsError(f"{path}: unknown top-level key(s) {', '.join(sorted(extra))}; "
+                           "only [[target]] tables are allowed")
+    raw_targets = data.get("target")
+    if not isinstance(raw_targets, list) or not raw_targets:
+        raise TargetsError(f"{path}: declares no [[target]]")
+    targets: list[Target] = []
+    seen: set[str] = set()
+    for index, raw in enumerate(raw_targets):
+        target = _parse_target(raw, f"{path.name}: target #{index + 1}")
+        if target.name in seen:
+            raise TargetsError(f"{path.name}: target {target.name!r} is declared twice")
+        seen.add(target.name)
+        targets.append(target)
+    return targets
+
+
+def parse_selection(text: str | None) -> list[str] | None:
+    """``"a, b"`` -> ``["a", "b"]``; None or blank means "no selection" (every target)."""
+    if text is None or not text.strip():
+        return None
+    names = [part.strip() for part in text.split(",")]
+    return [n for n in names if n]
+
+
+def select_targets(targets: Sequence[Target], names: Iterable[str] | None) -> list[Target]:
+    """The targets named in ``names`` (in that order, duplicates dropped), or all of them."""
+    if names is None:
+        return list(targets)
+    by_name = {t.name: t for t in targets}
+    wanted = list(dict.fromkeys(names))
+    unknown = [n for n in wanted if n not in by_name]
+    if unknown:
+        raise TargetsError(f"unknown target(s) {', '.join(unknown)}; "
+                           f"known targets: {', '.join(by_name)}")
+    if not wanted:
+        raise TargetsError(f"--targets selects nothing; known targets: {', '.join(by_name)}")
+    return [by_name[n] for n in wanted]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m harness.targets [--count] [--targets a,b]``: list (or count) targets.
+
+    The Makefile uses ``--count`` to start one xdist worker per selected target."""
+    import argparse
+    parser = argparse.ArgumentParser(prog="python -m harness.targets")
+    parser.add_argument("--targets", default=None, help="comma-separated names")
+    parser.add_argument("--count", action="store_true", help="print how many are selected")
+    parser.add_argument("--file", default=str(DEFAULT_PATH), help="the targets file")
+    args = parser.parse_args(argv)
+    try:
+        chosen = select_targets(load(Path(args.file)), parse_selection(args.targets))
+    except TargetsError as exc:
+        print(f"harness.targets: error: {exc}", file=sys.stderr)
+        return 2
+    if args.count:
+        print(len(chosen))
+    else:
+        for t in chosen:
+            print(f"{t.name:<12} {t.kind:<8} {t.os_family:<8} {' '.join(t.backends)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

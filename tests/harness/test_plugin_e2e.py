@@ -1,0 +1,98 @@
+"""The orchestrator end to end: ``pytest -p harness.plugin tests/cross_os`` in a subprocess.
+
+The in-guest behaviour suite is deselected here (``make test-all-os`` runs it);
+everything else runs for real against the ``local`` target.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+LEAN = "not behaviour_suite"
+
+
+def run_harness(tmp_path: Path, *args: str, env: dict[str, str] | None = None,
+                timeout: float = 600) -> tuple[subprocess.CompletedProcess[str], Path]:
+    reports = tmp_path / "reports"
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
+    full_env.update(env or {})
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "harness.plugin", "-p", "no:cacheprovider",
+         "tests/cross_os", "--reports-dir", str(reports), *args],
+        cwd=REPO, capture_output=True, text=True, timeout=timeout, env=full_env, check=False)
+    return proc, reports
+
+
+def load_results(reports: Path) -> dict[str, Any]:
+    latest = reports / "latest"
+    assert latest.is_symlink()
+    results: dict[str, Any] = json.loads((latest / "results.json").read_text())
+    assert (latest / "junit.xml").exists()
+    assert (latest / "events.jsonl").exists()
+    return results
+
+
+def test_local_passes_and_a_missing_engine_is_not_run(tmp_path: Path) -> None:
+    closed = tmp_path / "no-docker.sock"  # nothing listens here
+    proc, reports = run_harness(
+        tmp_path, "--targets", "local,debian-12", "-n", "2", "--dist", "loadgroup", "-k", LEAN,
+        env={"DOCKER_HOST": f"unix://{closed}"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    results = load_results(reports)
+    for key in ("run_id", "started", "finished", "host", "targets", "claims"):
+        assert key in results
+    assert (reports / "latest").resolve().name == results["run_id"]
+    by_name = {t["name"]: t for t in results["targets"]}
+    assert list(by_name) == ["local", "debian-12"]
+
+    local = by_name["local"]
+    for key in ("name", "kind", "status", "reason", "os", "kernel", "python", "backends",
+                "suites", "tests", "timings"):
+        assert key in local
+    assert local["status"] == "passed", local["reason"]
+    assert local["kernel"] == os.uname().release
+    suites = local["suites"]
+    assert {"in-guest", "black-box", "host"} <= set(suites)  # later issues add suites
+    assert suites["black-box"]["passed"] >= 4 * len(local["backends"])
+    assert suites["host"] == {"passed": 4, "failed": 0, "skipped": 0}
+    assert suites["in-guest"]["passed"] == 1  # the probe; the behaviour suite was deselected
+    ours = [t for t in local["tests"] if t["suite"] in ("in-guest", "black-box", "host")]
+    assert all(t["duration"] >= 0 and t["outcome"] == "passed" for t in ours)
+    assert local["timings"]["build"] is not None and local["timings"]["destroy"] is not None
+
+    docker = by_name["debian-12"]
+    assert docker["status"] == "not run"
+    assert docker["reason"].startswith("no Docker daemon")
+    assert all(t["outcome"] == "skipped" for t in docker["tests"])
+    assert "not run: no Docker daemon" in proc.stdout
+
+
+def test_a_failing_target_fails_the_run(tmp_path: Path) -> None:
+    # kqueue on Linux: the server refuses the backend, so the target never gets healthy.
+    other = "kqueue" if sys.platform.startswith("linux") else "epoll"
+    targets = tmp_path / "targets.toml"
+    targets.write_text(f'[[target]]\nname = "broken"\nkind = "local"\nos_family = "host"\n'
+                       f'backends = ["select", "{other}"]\n')
+    proc, reports = run_harness(tmp_path, "--targets-file", str(targets), "-n", "1",
+                                "--dist", "loadgroup", "-k", "round_trip or probe")
+    assert proc.returncode == 1, proc.stdout[-3000:]
+    target = load_results(reports)["targets"][0]
+    assert target["status"] == "failed"
+    assert "healthy" in target["reason"]
+    assert target["suites"]["black-box"]["failed"] >= 1
+    assert list((reports / "latest" / "targets" / "broken" / "logs").glob("*.log"))
+
+
+def test_unknown_target_is_a_one_line_usage_error(tmp_path: Path) -> None:
+    proc, _ = run_harness(tmp_path, "--targets", "local,nope")
+    assert proc.returncode == pytest.ExitCode.USAGE_ERROR
+    assert "Traceback" not in proc.stderr
+    assert "unknown target(s) nope; known targets: local, debian-12" in proc.stderr

@@ -1,0 +1,133 @@
+"""targets.toml loading and the --targets selection (harness/targets.py)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from harness import targets
+from harness.targets import TargetsError, load, parse_selection, select_targets
+
+REPO = Path(__file__).resolve().parents[2]
+
+GOOD = """
+[[target]]
+name = "here"
+kind = "local"
+os_family = "host"
+backends = "host"
+
+[[target]]
+name = "box"
+kind = "docker"
+image = "debian:bookworm"
+os_family = "linux"
+backends = ["select", "epoll"]
+[target.offline]
+suite = "bookworm"
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "targets.toml"
+    path.write_text(text)
+    return path
+
+
+def test_the_repository_file_loads() -> None:
+    declared = load()
+    names = [t.name for t in declared]
+    assert {"local", "debian-12", "debian-13", "alpine", "debian-vm", "freebsd-14"} <= set(names)
+    by_name = {t.name: t for t in declared}
+    assert by_name["local"].os_family == targets.host_os_family()
+    assert by_name["local"].backends == targets.host_backends()
+    assert by_name["freebsd-14"].kind == "vagrant"
+    assert "kqueue" in by_name["freebsd-14"].backends
+    assert by_name["debian-12"].options["offline"]["suite"] == "bookworm"
+
+
+def test_extra_keys_become_options(tmp_path: Path) -> None:
+    box = load(write(tmp_path, GOOD))[1]
+    assert box.image == "debian:bookworm"
+    assert box.backends == ("select", "epoll")
+    assert box.options == {"offline": {"suite": "bookworm"}}
+
+
+def test_selection_keeps_the_order_asked_for(tmp_path: Path) -> None:
+    declared = load(write(tmp_path, GOOD))
+    assert [t.name for t in select_targets(declared, ["box", "here", "box"])] == ["box", "here"]
+    assert [t.name for t in select_targets(declared, None)] == ["here", "box"]
+    assert parse_selection(" here , box,") == ["here", "box"]
+    assert parse_selection("  ") is None
+
+
+def test_unknown_target_lists_the_known_ones(tmp_path: Path) -> None:
+    declared = load(write(tmp_path, GOOD))
+    with pytest.raises(TargetsError) as info:
+        select_targets(declared, ["here", "nope"])
+    assert str(info.value) == "unknown target(s) nope; known targets: here, box"
+    with pytest.raises(TargetsError, match="selects nothing"):
+        select_targets(declared, parse_selection(",") or [])
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("[[target]\n", "not valid TOML"),
+    ("", "declares no [[target]]"),
+    ("[other]\nx = 1\n", "unknown top-level key(s) other"),
+    (GOOD.replace('kind = "docker"', 'kind = "podman"'),
+     "unknown kind 'podman'; known kinds: local, docker, vagrant"),
+    (GOOD.replace('image = "debian:bookworm"\n', ""), "a docker target needs 'image'"),
+    (GOOD.replace('"epoll"]', '"iouring"]'), "unknown backend(s) iouring"),
+    (GOOD.replace('name = "box"', 'name = "here"'), "'here' is declared twice"),
+    (GOOD.replace('name = "box"', 'name = "Box; rm -rf /"'), "must match"),
+    (GOOD.replace('backends = ["select", "epoll"]', "backends = []"), "'backends' must be"),
+])
+def test_bad_files_are_one_line_errors(tmp_path: Path, text: str, message: str) -> None:
+    with pytest.raises(TargetsError) as info:
+        load(write(tmp_path, text))
+    assert message in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(TargetsError, match="no such file"):
+        load(tmp_path / "absent.toml")
+
+
+def test_count_helper_for_the_makefile() -> None:
+    ok = subprocess.run([sys.executable, "-m", "harness.targets", "--count", "--targets",
+                         "local,debian-12"], cwd=REPO, capture_output=True, text=True,
+                        check=False)
+    assert (ok.returncode, ok.stdout.strip()) == (0, "2")
+    bad = subprocess.run([sys.executable, "-m", "harness.targets", "--targets", "nope"],
+                         cwd=REPO, capture_output=True, text=True, check=False)
+    assert bad.returncode == 2
+    assert bad.stderr.count("\n") == 1 and "known targets: local" in bad.stderr
+
+
+def test_a_test_id_names_its_target() -> None:
+    from harness.plugin import target_of_nodeid
+    names = ["local", "debian-12", "debian-13", "debian-vm"]
+    assert target_of_nodeid("t.py::test_x[debian-12-epoll-et]", names) == "debian-12"
+    assert target_of_nodeid("t.py::test_x[debian-vm]", names) == "debian-vm"
+    assert target_of_nodeid("t.py::test_x[local-select]@local", names) == "local"
+    assert target_of_nodeid("t.py::test_x[claim-a-local]", names) == "local"
+    assert target_of_nodeid("t.py::test_plain", names) is None
+    assert target_of_nodeid("t.py::test_x[debian-1]", names) is None
+
+
+def test_driver_registry(monkeypatch: pytest.MonkeyPatch) -> None:
+    from harness import drivers
+    assert drivers.get_driver("local").kind == "local"
+    with pytest.raises(drivers.UnknownKind) as info:
+        drivers.get_driver("podman")
+    assert str(info.value) == "unknown target kind 'podman'; known kinds: local, docker, vagrant"
+    monkeypatch.setitem(drivers.KINDS, "ghost", "harness.drivers.no_such_module")
+    with pytest.raises(drivers.DriverUnavailable, match=r"^driver not available: "):
+        drivers.get_driver("ghost")
+    monkeypatch.setitem(drivers.KINDS, "ghost", "harness.drivers.base")  # no Driver of that kind
+    with pytest.raises(drivers.DriverUnavailable, match="defines no Driver"):
+        drivers.get_driver("ghost")
