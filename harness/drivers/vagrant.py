@@ -1,0 +1,512 @@
+"""The ``vagrant`` target kind: a VM per target, brought up with vagrant/Vagrantfile.
+
+Facts this driver relies on (measured on the project's CI machines; issue 4):
+
+- There is no nested KVM: the Debian box runs under QEMU software emulation
+  (``libvirt.driver = "qemu"``), so ``vagrant up`` takes about a minute and a
+  command in the guest costs a round trip over SSH. One SSH connection is
+  reused for every command (ControlMaster) so that the suites do not pay the
+  handshake each time.
+- vagrant keeps per-project state in ``.vagrant/`` next to the Vagrantfile;
+  two runs sharing it would fight over one machine. Each run and worker gets
+  its own directory under ``STATE_ROOT`` and points ``VAGRANT_DOTFILE_PATH``
+  there; the Vagrantfile takes names and ports from ``IOMUX_*`` variables.
+- Every libvirt domain of ours is named ``iomux-<run>-<worker>-<machine>`` and
+  every run directory holds ``owner.json`` (project, run id, pid), which is
+  how ``sweep`` finds what an interrupted run left: the labels of DESIGN §3.
+- ``vagrant up`` now and then fails on its own: here, 1 in about 6 fresh ups
+  under load ended with "Vagrant can't use the requested machine because it is
+  locked!" while waiting for the boot (a known intermittent vagrant bug,
+  hashicorp/vagrant#8468), and a boot under emulation can stall. A bounded
+  retry (destroy, then up again) is cheaper than failing the target.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import re
+import shlex
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, ClassVar, Iterator, Sequence
+
+from harness.drivers.base import (
+    BACKEND_PORTS,
+    LABEL_PROJECT,
+    LABEL_RUN,
+    PROJECT,
+    Driver,
+    ExecResult,
+    Instance,
+    StepTimeout,
+    Target,
+    TargetError,
+    run_argv,
+)
+
+ROOT = Path(__file__).resolve().parents[2]
+VAGRANT_DIR = ROOT / "vagrant"
+BOX_BUILD = VAGRANT_DIR / "box" / "build.sh"
+#: Per-run vagrant state; short, because ssh's ControlPath must fit a unix socket name.
+STATE_ROOT = Path(os.environ.get("IOMUX_VAGRANT_STATE", "/var/tmp/iomux-vagrant")) / "runs"
+#: Boxes named with this prefix are built here by vagrant/box/build.sh.
+LOCAL_BOX_PREFIX = "iomux/"
+DOMAIN_PREFIX = "iomux-"
+#: Where the Vagrantfile's rsync synced folder puts the working tree in the guest.
+GUEST_TREE = "/vagrant"
+#: ``vagrant up`` attempts per start (a boot under emulation sometimes stalls).
+UP_ATTEMPTS = 2
+PROVISION_RE = re.compile(r"iomux-provision: changed=(\d+)\S*.*")
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "x"
+
+
+def _free_port(kind: int = socket.SOCK_STREAM) -> int:
+    # Bound-and-closed: another process could take it before QEMU does, which
+    # makes `vagrant up` fail, and the retry then picks new ports.
+    with socket.socket(socket.AF_INET, kind) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _last_line(text: str) -> str:
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    return lines[-1] if lines else "(no output)"
+
+
+def remote_command(argv: Sequence[str], user: str | None = None) -> str:
+    """The one string ssh sends to the guest's shell for ``argv``: every word quoted.
+
+    ssh joins its arguments into a shell line on the far side, so quoting here is
+    what keeps ``"a; rm -rf /"`` one argument (issue 6)."""
+    words = list(argv)
+    if not words:
+        raise TargetError("exec: empty argv")
+    if user == "root":
+        words = ["sudo", "-n", "--", *words]
+    elif user:
+        words = ["sudo", "-n", "-u", user, "--", *words]
+    return " ".join(shlex.quote(word) for word in words)
+
+
+class VagrantDriver(Driver):
+    """VMs through vagrant: libvirt here (QEMU emulation), VirtualBox or libvirt elsewhere."""
+
+    kind: ClassVar[str] = "vagrant"
+
+    def __init__(self) -> None:
+        self._box_list: str | None = None
+
+    # -- availability ---------------------------------------------------------------------
+
+    def _libvirt_uri(self) -> str:
+        return os.environ.get("LIBVIRT_DEFAULT_URI", "qemu:///system")
+
+    def unavailable_reason(self) -> str | None:
+        """None if vagrant and a hypervisor it can drive are here, else why not."""
+        if shutil.which("vagrant") is None:
+            return "vagrant executable was not found"
+        want = os.environ.get("VAGRANT_DEFAULT_PROVIDER", "")
+        libvirt = self._libvirt_missing()
+        vbox = None if shutil.which("VBoxManage") else "VBoxManage (VirtualBox) was not found"
+        if want == "virtualbox":
+            return f"no hypervisor: {vbox}" if vbox else None
+        if want in ("", "libvirt") and libvirt is None:
+            return None
+        if want == "" and vbox is None:
+            return None
+        if want not in ("", "libvirt", "virtualbox"):
+            return f"no hypervisor: VAGRANT_DEFAULT_PROVIDER={want} is not supported (libvirt, virtualbox)"
+        return f"no hypervisor: {libvirt}" + ("" if want else f"; {vbox}")
+
+    def _libvirt_missing(self) -> str | None:
+        if shutil.which("virsh") is None:
+            return "libvirt: virsh was not found (vagrant/setup-host.sh start)"
+        if shutil.which("qemu-system-x86_64") is None:
+            return "libvirt: qemu-system-x86_64 was not found"
+        try:
+            plugins = run_argv(["vagrant", "plugin", "list"], 60, "vagrant plugin list")
+            if "vagrant-libvirt" not in plugins.stdout:
+                return "libvirt: the vagrant-libvirt plugin is not installed"
+            ver = run_argv(["virsh", "-c", self._libvirt_uri(), "version"], 30, "virsh version")
+        except (StepTimeout, TargetError) as exc:
+            return f"libvirt: {exc}"
+        if ver.rc != 0:
+            return (f"libvirt: libvirtd does not answer on {self._libvirt_uri()} "
+                    f"(vagrant/setup-host.sh start): {_last_line(ver.stderr)}")
+        return None
+
+    def _boxes(self) -> str:
+        if self._box_list is None:
+            res = run_argv(["vagrant", "box", "list", "--machine-readable"], 60, "vagrant box list")
+            self._box_list = res.stdout
+        return self._box_list
+
+    def box_installed(self, box: str) -> bool:
+        """Whether ``vagrant box list`` has ``box`` (any provider)."""
+        return any(line.split(",")[3:4] == [box] for line in self._boxes().splitlines()
+                   if ",box-name," in line)
+
+    def target_unavailable_reason(self, target: Target) -> str | None:
+        """A public box that is not installed is a reason; an iomux/ box is built."""
+        if not target.box:
+            return f"target {target.name} names no box in targets.toml"
+        if target.box.startswith(LOCAL_BOX_PREFIX):
+            if self.box_installed(target.box) or self._local_box_cached(target):
+                return None
+            if os.geteuid() != 0:
+                return f"no box {target.box}, and building it needs root (vagrant/box/build.sh)"
+            if shutil.which("debootstrap") is None:
+                return f"no box {target.box}, and debootstrap was not found to build it"
+            return None
+        if not self.box_installed(target.box):
+            family = {"freebsd": "FreeBSD"}.get(target.os_family, target.os_family)
+            return f"no {family} box: vagrant box list has no {target.box}"
+        return None
+
+    # -- build ----------------------------------------------------------------------------
+
+    def _local_box_cached(self, target: Target) -> bool:
+        res = run_argv([str(BOX_BUILD), "--check"], 60, f"{target.name}: box check",
+                       env=self._box_env(target))
+        return res.rc == 0
+
+    def _box_env(self, target: Target) -> dict[str, str]:
+        return {**os.environ, "IOMUX_BOX_NAME": target.box or ""}
+
+    def build(self, target: Target, timeout: float) -> dict[str, Any]:
+        """Build (or find cached) an iomux/ box; public boxes are used as installed."""
+        began = time.monotonic()
+        if not (target.box or "").startswith(LOCAL_BOX_PREFIX):
+            return {"cached": True, "seconds": 0.0, "box": target.box}
+        # One builder at a time across xdist workers; the others then find it cached.
+        with self._lock("box.lock", timeout):
+            if self._local_box_cached(target):
+                return {"cached": True, "seconds": round(time.monotonic() - began, 1),
+                        "box": target.box}
+            left = max(1.0, timeout - (time.monotonic() - began))
+            res = run_argv([str(BOX_BUILD)], left, f"{target.name}: box build",
+                           env=self._box_env(target))
+            self._box_list = None
+            if res.rc != 0:
+                raise TargetError(f"{target.name}: box build failed: {_last_line(res.stderr or res.stdout)}")
+        return {"cached": False, "seconds": round(time.monotonic() - began, 1), "box": target.box,
+                "log": res.stdout.strip().splitlines()[-3:]}
+
+    @contextlib.contextmanager
+    def _lock(self, name: str, timeout: float) -> Iterator[None]:
+        STATE_ROOT.mkdir(parents=True, exist_ok=True)
+        with open(STATE_ROOT / name, "w") as fh:
+            deadline = time.monotonic() + timeout
+            while True:
+                try:
+                    fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        raise StepTimeout(f"waiting for {name}: timed out after {timeout:g}s") from None
+                    time.sleep(1)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+
+    # -- start ----------------------------------------------------------------------------
+
+    def _env(self, instance: Instance) -> dict[str, str]:
+        env = {**os.environ, **instance.data["env"]}
+        return env
+
+    def _vagrant(self, instance: Instance, args: Sequence[str], timeout: float,
+                 step: str) -> ExecResult:
+        return run_argv(["vagrant", *args], timeout, f"{instance.target.name}: {step}",
+                        cwd=VAGRANT_DIR, env=self._env(instance))
+
+    def _new_instance(self, target: Target, run_id: str, worker: str) -> Instance:
+        tag = f"{_slug(run_id)}-{_slug(worker)}"
+        run_dir = STATE_ROOT / f"{tag}-{target.name}"
+        shutil.rmtree(run_dir, ignore_errors=True)
+        run_dir.mkdir(parents=True)
+        backends = ["auto", *[b for b in target.backends if b in BACKEND_PORTS]]
+        guest_ports = {b: BACKEND_PORTS[b] for b in backends}
+        host_ports = {b: _free_port() for b in backends}
+        ssh_port = _free_port()
+        # The UDP-tunnel NIC sends to its own port: a remote port of its own
+        # would be a free port now that another run's QEMU may bind later.
+        udp_port = _free_port(socket.SOCK_DGRAM)
+        env = {
+            "VAGRANT_DOTFILE_PATH": str(run_dir / "dot-vagrant"),
+            "IOMUX_RUN_ID": tag,
+            "IOMUX_SSH_PORT": str(ssh_port),
+            "IOMUX_ECHO_PORTS": ",".join(f"{guest_ports[b]}:{host_ports[b]}" for b in backends),
+            "IOMUX_BACKENDS": ",".join(f"{b}:{guest_ports[b]}" for b in backends),
+            "IOMUX_UDP_PORTS": f"{udp_port}:{udp_port}",
+            "IOMUX_CONSOLE_LOG": str(run_dir / "console.log"),
+            f"IOMUX_BOX_{target.name.upper().replace('-', '_')}": target.box or "",
+            # vagrant's own checks phone home; nothing here may leave 127.0.0.0/8.
+            "VAGRANT_CHECKPOINT_DISABLE": "1",
+            "VAGRANT_BOX_UPDATE_CHECK_DISABLE": "1",
+        }
+        owner = {LABEL_PROJECT: PROJECT, LABEL_RUN: run_id, "worker": worker, "tag": tag,
+                 "machine": target.name, "pid": os.getpid(), "env": env}
+        (run_dir / "owner.json").write_text(json.dumps(owner, indent=1))
+        return Instance(target=target, run_id=run_id, resource_name=f"{DOMAIN_PREFIX}{tag}-{target.name}",
+                        echo_ports={b: ("127.0.0.1", host_ports[b]) for b in backends},
+                        data={"dir": str(run_dir), "env": env, "machine": target.name,
+                              # What the cross-OS suites look for (tests/cross_os):
+                              # the rsync'd tree and the interpreter that has iomux.
+                              "tests_dir": f"{GUEST_TREE}/tests/server",
+                              "scratch_dir": "/tmp",
+                              "python": "python3",
+                              "guest_ports": guest_ports})
+
+    def start(self, target: Target, run_id: str, worker: str, timeout: float) -> Instance:
+        """``vagrant up`` (bounded retries), then an ssh_config for exec and testinfra.
+
+        Whatever ends an attempt early (a failure, a timeout, Ctrl-C) destroys
+        what it created before the exception leaves: a caller that got no
+        Instance back has nothing to destroy."""
+        began = time.monotonic()
+        last = "no time left for vagrant up"
+        failed_dir = STATE_ROOT.parent / "failed"
+        for attempt in range(1, UP_ATTEMPTS + 1):
+            left = timeout - (time.monotonic() - began)
+            if left < 30:
+                break
+            instance = self._new_instance(target, run_id, worker)
+            try:
+                res = self._vagrant(instance, ["up", target.name, "--provision",
+                                               "--no-destroy-on-error"], left, "vagrant up")
+                if res.rc == 0:
+                    instance.data["attempts"] = attempt
+                    instance.data["provision"] = self._provision_line(res.stdout)
+                    found = re.search(r"iomux-provision: python=(\S+)", res.stdout)
+                    if found:
+                        instance.data["python"] = found.group(1)
+                    instance.data["up_seconds"] = round(time.monotonic() - began, 1)
+                    self._write_ssh_config(instance)
+                    return instance
+                last = f"vagrant up failed (exit {res.rc}): {_last_line(res.stderr or res.stdout)}"
+                (Path(instance.data["dir"]) / "up.log").write_text(res.stdout + res.stderr)
+            except StepTimeout as exc:
+                last = str(exc)
+            except BaseException:
+                self.destroy(instance, 300)
+                raise
+            # The run directory goes with the VM; keep this attempt's logs for the report.
+            failed_dir.mkdir(parents=True, exist_ok=True)
+            for name in ("up.log", "console.log"):
+                src = Path(instance.data["dir"]) / name
+                if src.exists():
+                    shutil.copy(src, failed_dir / f"{instance.resource_name}-{attempt}-{name}")
+            self.destroy(instance, min(300.0, max(30.0, timeout - (time.monotonic() - began))))
+        raise TargetError(f"{target.name}: {last} ({UP_ATTEMPTS} attempts at most; "
+                          f"logs under {failed_dir})")
+
+    @staticmethod
+    def _provision_line(output: str) -> str:
+        lines = [m.group(0).strip() for m in PROVISION_RE.finditer(output)]
+        return lines[-1] if lines else ""
+
+    def provision(self, instance: Instance, timeout: float) -> str:
+        """Run the provisioner again; returns its ``iomux-provision: changed=N ...`` line."""
+        res = self._vagrant(instance, ["provision", instance.data["machine"]], timeout,
+                            "vagrant provision")
+        if res.rc != 0:
+            raise TargetError(f"{instance.target.name}: vagrant provision failed: "
+                              f"{_last_line(res.stderr or res.stdout)}")
+        return self._provision_line(res.stdout)
+
+    def _write_ssh_config(self, instance: Instance) -> None:
+        res = self._vagrant(instance, ["ssh-config", instance.data["machine"]], 120,
+                            "vagrant ssh-config")
+        if res.rc != 0:
+            raise TargetError(f"{instance.target.name}: vagrant ssh-config failed: "
+                              f"{_last_line(res.stderr)}")
+        run_dir = Path(instance.data["dir"])
+        # One connection for every command: the handshake under emulation costs
+        # about a second; ControlPersist keeps the master after the first exec.
+        # The socket lives at a short fixed-length path: ssh appends 17 characters
+        # while it sets the master up, and a unix socket path must fit 108 bytes
+        # (a long run id made ssh fail with exit 255 and, at LogLevel FATAL, no word).
+        digest = hashlib.sha256(str(run_dir).encode()).hexdigest()[:16]
+        control = f"/tmp/iomux-ssh-{digest}"
+        instance.data["control_path"] = control
+        extra = (f"  ControlMaster auto\n  ControlPath {control}\n  ControlPersist 600\n"
+                 "  ServerAliveInterval 15\n  ConnectTimeout 30\n")
+        config = re.sub(r"^(Host .*\n)", lambda m: m.group(1) + extra, res.stdout, count=1,
+                        flags=re.M)
+        config = config.replace("LogLevel FATAL", "LogLevel ERROR")
+        path = run_dir / "ssh_config"
+        path.write_text(config)
+        instance.data["ssh_config"] = str(path)
+
+    # -- use ------------------------------------------------------------------------------
+
+    def wait_healthy(self, instance: Instance, timeout: float) -> None:
+        """``iomux check`` from the host through every forwarded echo port."""
+        deadline = time.monotonic() + timeout
+        for backend, (host, port) in instance.echo_ports.items():
+            while True:
+                res = run_argv([sys.executable, "-m", "iomux", "check", f"{host}:{port}",
+                                "--timeout", "5"], 30, f"{instance.target.name}: iomux check",
+                               cwd=ROOT)
+                if res.rc == 0:
+                    break
+                if time.monotonic() > deadline:
+                    raise StepTimeout(f"{instance.target.name}: healthy: echo server ({backend}) on "
+                                      f"{host}:{port} did not answer within {timeout:g}s: "
+                                      f"{_last_line(res.stderr or res.stdout)}")
+                time.sleep(2)
+
+    def _ssh_argv(self, instance: Instance) -> list[str]:
+        config = instance.data.get("ssh_config")
+        if not config:
+            raise TargetError(f"{instance.target.name}: not started (no ssh_config)")
+        return ["ssh", "-F", config, instance.data["machine"]]
+
+    def exec(self, instance: Instance, argv: Sequence[str], timeout: float,
+             user: str | None = None) -> ExecResult:
+        """Run ``argv`` in the guest over the shared SSH connection, every word quoted."""
+        res = run_argv([*self._ssh_argv(instance), "--", remote_command(argv, user)], timeout,
+                       f"{instance.target.name}: exec {argv[0] if argv else ''}")
+        return ExecResult(argv=list(argv), rc=res.rc, stdout=res.stdout, stderr=res.stderr)
+
+    def testinfra_spec(self, instance: Instance) -> tuple[str, dict[str, Any]]:
+        """testinfra's paramiko-free ``ssh://`` backend with our ssh_config (same master)."""
+        return (f"ssh://{instance.data['machine']}",
+                {"ssh_config": instance.data["ssh_config"]})
+
+    def copy_from(self, instance: Instance, path: str, dest: Path, timeout: float) -> Path:
+        """``cat`` the file over SSH into ``dest`` (bytes, not text)."""
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        argv = [*self._ssh_argv(instance), "--", remote_command(["cat", "--", path])]
+        try:
+            with open(dest, "wb") as out:
+                proc = subprocess.run(argv, stdout=out, stderr=subprocess.PIPE, timeout=timeout,
+                                      check=False)
+        except subprocess.TimeoutExpired as exc:
+            raise StepTimeout(f"{instance.target.name}: copy {path}: timed out after {timeout:g}s") from exc
+        if proc.returncode != 0:
+            raise TargetError(f"{instance.target.name}: copy {path} failed: "
+                              f"{_last_line(proc.stderr.decode(errors='replace'))}")
+        return dest
+
+    def save_logs(self, instance: Instance, dest: Path) -> list[Path]:
+        """The guest's serial console (from the host) and, if SSH still works, dmesg."""
+        dest.mkdir(parents=True, exist_ok=True)
+        saved: list[Path] = []
+        console = Path(instance.data["dir"]) / "console.log"
+        if console.exists():
+            saved.append(Path(shutil.copy(console, dest / "console.log")))
+        wanted = {"dmesg.txt": ["dmesg"],
+                  "iomux-journal.txt": ["journalctl", "--no-pager", "-u", "iomux-echo@*"]}
+        for name, argv in wanted.items():
+            try:
+                res = self.exec(instance, argv, 60, user="root")
+            except (StepTimeout, TargetError):
+                continue
+            if res.rc == 0 or res.stdout:
+                path = dest / name
+                path.write_text(res.stdout + res.stderr)
+                saved.append(path)
+        return saved
+
+    # -- tear down ------------------------------------------------------------------------
+
+    def destroy(self, instance: Instance, timeout: float) -> None:
+        """``vagrant destroy -f``, close the SSH master, remove the domain if vagrant left it."""
+        run_dir = Path(instance.data["dir"])
+        if not run_dir.exists():
+            return
+        config = instance.data.get("ssh_config")
+        if config and Path(config).exists():
+            with contextlib.suppress(StepTimeout, TargetError):
+                run_argv(["ssh", "-F", config, "-O", "exit", instance.data["machine"]], 15,
+                         "ssh -O exit")
+        try:
+            self._vagrant(instance, ["destroy", "-f", instance.data["machine"]], timeout,
+                          "vagrant destroy")
+        finally:
+            self._remove_domains(instance.resource_name)
+            shutil.rmtree(run_dir, ignore_errors=True)
+
+    def _domains(self) -> list[str]:
+        if shutil.which("virsh") is None:
+            return []
+        res = run_argv(["virsh", "-c", self._libvirt_uri(), "list", "--all", "--name"], 60,
+                       "virsh list")
+        return [name.strip() for name in res.stdout.splitlines() if name.strip()]
+
+    def _remove_domains(self, prefix: str) -> list[str]:
+        removed = []
+        for name in self._domains():
+            if not name.startswith(prefix):
+                continue
+            uri = self._libvirt_uri()
+            run_argv(["virsh", "-c", uri, "destroy", name], 60, "virsh destroy")
+            run_argv(["virsh", "-c", uri, "undefine", name, "--remove-all-storage", "--nvram"], 60,
+                     "virsh undefine")
+            removed.append(f"libvirt domain {name}")
+        return removed
+
+    def sweep(self, run_id: str | None = None) -> list[str]:
+        """Destroy VMs of earlier runs: their run directories first, then stray domains."""
+        removed: list[str] = []
+        if STATE_ROOT.is_dir():
+            for run_dir in sorted(p for p in STATE_ROOT.iterdir() if p.is_dir()):
+                try:
+                    owner = json.loads((run_dir / "owner.json").read_text())
+                except (OSError, ValueError):
+                    shutil.rmtree(run_dir, ignore_errors=True)
+                    continue
+                if owner.get(LABEL_PROJECT) != PROJECT:
+                    continue
+                if run_id is not None and owner.get(LABEL_RUN) != run_id:
+                    continue
+                # Without a run id, a directory whose owner is alive belongs to a run
+                # that is still going (another engineer's): not ours to pull.
+                if run_id is None and owner.get("pid") != os.getpid() and _pid_alive(int(owner.get("pid", 0))):
+                    continue
+                target = Target(name=owner["machine"], kind=self.kind, os_family="", backends=())
+                inst = Instance(target=target, run_id=owner[LABEL_RUN],
+                                resource_name=f"{DOMAIN_PREFIX}{owner['tag']}-{owner['machine']}",
+                                data={"dir": str(run_dir), "env": owner["env"],
+                                      "machine": owner["machine"]})
+                try:
+                    self.destroy(inst, 300)
+                except (StepTimeout, TargetError) as exc:
+                    removed.append(f"{inst.resource_name}: {exc}")
+                removed.append(f"vagrant machine {inst.resource_name}")
+        live = set()
+        if STATE_ROOT.is_dir():
+            for run_dir in STATE_ROOT.iterdir():
+                with contextlib.suppress(OSError, ValueError, KeyError):
+                    owner = json.loads((run_dir / "owner.json").read_text())
+                    live.add(f"{DOMAIN_PREFIX}{owner['tag']}-")
+        prefix = DOMAIN_PREFIX if run_id is None else f"{DOMAIN_PREFIX}{_slug(run_id)}-"
+        for name in self._domains():
+            if name.startswith(prefix) and not any(name.startswith(p) for p in live):
+                removed += self._remove_domains(name)
+        return removed

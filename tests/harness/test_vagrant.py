@@ -1,0 +1,264 @@
+"""The vagrant target kind, for real where this machine can: the offline Debian box
+builds (or is cached), the Vagrantfile parses, a VM comes up, answers through its
+forwarded port, runs commands, provisions idempotently, and leaves nothing behind.
+
+The VM test is one test function on purpose: a VM under emulation takes a minute
+to boot, and one function keeps it on one xdist worker whatever the --dist mode.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+from harness import targets
+from harness.drivers import vagrant as vd
+from harness.drivers.base import Target
+
+ROOT = Path(__file__).resolve().parents[2]
+NASTY = "; rm -rf / ; echo 'pwned' \"$(id)\" `id`"
+
+
+def _vagrant_targets() -> list[Target]:
+    return [t for t in targets.load() if t.kind == "vagrant"]
+
+
+def _target(name: str) -> Target:
+    for target in _vagrant_targets():
+        if target.name == name:
+            return target
+    raise AssertionError(f"targets.toml has no vagrant target {name}")
+
+
+@pytest.fixture(scope="module")
+def driver() -> vd.VagrantDriver:
+    return vd.VagrantDriver()
+
+
+@pytest.fixture(scope="module")
+def engine_reason(driver: vd.VagrantDriver) -> str | None:
+    return driver.unavailable_reason()
+
+
+def _need_vagrant() -> None:
+    if shutil.which("vagrant") is None:
+        pytest.skip("vagrant executable was not found")
+
+
+def _need_vms(reason: str | None) -> None:
+    if reason is not None:
+        pytest.skip(reason)
+    if os.geteuid() != 0:
+        pytest.skip("the offline box build needs root (loop devices, chroot)")
+
+
+# -- pieces that need no VM ----------------------------------------------------------------
+
+def test_remote_command_keeps_each_word_one_argument() -> None:
+    argv = ["printf", "%s\\n", NASTY, "it's", ""]
+    line = vd.remote_command(argv)
+    assert shlex.split(line) == argv
+    # What the guest's shell does with the line, done here by /bin/sh: nothing runs.
+    out = subprocess.run(["sh", "-c", line], capture_output=True, text=True, check=True).stdout
+    assert out.splitlines() == [NASTY, "it's", ""]
+
+
+def test_remote_command_sudo_prefix() -> None:
+    assert shlex.split(vd.remote_command(["id", "-u"], user="root")) == ["sudo", "-n", "--", "id", "-u"]
+    assert shlex.split(vd.remote_command(["id"], user="nobody")) == [
+        "sudo", "-n", "-u", "nobody", "--", "id"]
+
+
+def test_no_vagrant_is_one_clear_reason(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert vd.VagrantDriver().unavailable_reason() == "vagrant executable was not found"
+
+
+def test_vagrantfile_parses_and_names_the_targets(tmp_path: Path) -> None:
+    _need_vagrant()
+    env = {**os.environ, "VAGRANT_DOTFILE_PATH": str(tmp_path / "dot"),
+           "VAGRANT_CHECKPOINT_DISABLE": "1"}
+    res = subprocess.run(["vagrant", "validate"], cwd=ROOT / "vagrant", env=env,
+                         capture_output=True, text=True, timeout=120, check=False)
+    assert res.returncode == 0, res.stderr
+    res = subprocess.run(["vagrant", "status", "--machine-readable"], cwd=ROOT / "vagrant", env=env,
+                         capture_output=True, text=True, timeout=120, check=False)
+    assert res.returncode == 0, res.stderr
+    machines = {line.split(",")[1] for line in res.stdout.splitlines() if ",state," in line}
+    assert machines == {t.name for t in _vagrant_targets()}
+
+
+def test_missing_provider_is_named_in_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _need_vagrant()
+    if shutil.which("VBoxManage"):
+        pytest.skip("VirtualBox is installed here; nothing is missing")
+    env = {**os.environ, "VAGRANT_DOTFILE_PATH": str(tmp_path / "dot"),
+           "VAGRANT_DEFAULT_PROVIDER": "virtualbox", "VAGRANT_CHECKPOINT_DISABLE": "1"}
+    res = subprocess.run(["vagrant", "status"], cwd=ROOT / "vagrant", env=env,
+                         capture_output=True, text=True, timeout=120, check=False)
+    assert res.returncode != 0
+    assert "VBoxManage (VirtualBox) was not found" in res.stderr
+    assert ".rb:" not in res.stderr, "a Ruby backtrace instead of one line"
+    monkeypatch.setenv("VAGRANT_DEFAULT_PROVIDER", "virtualbox")
+    assert vd.VagrantDriver().unavailable_reason() == (
+        "no hypervisor: VBoxManage (VirtualBox) was not found")
+
+
+@pytest.mark.parametrize("name", ["freebsd-13", "freebsd-14", "freebsd-15"])
+def test_freebsd_without_box_is_not_run(driver: vd.VagrantDriver, name: str) -> None:
+    _need_vagrant()
+    target = _target(name)
+    assert target.box
+    if driver.box_installed(target.box):
+        assert driver.target_unavailable_reason(target) is None
+    else:
+        assert driver.target_unavailable_reason(target) == (
+            f"no FreeBSD box: vagrant box list has no {target.box}")
+
+
+# -- the real thing ------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_offline_box_builds_or_is_cached(driver: vd.VagrantDriver, engine_reason: str | None) -> None:
+    _need_vms(engine_reason)
+    target = _target("debian-vm")
+    first = driver.build(target, 1800)
+    again = driver.build(target, 600)
+    print(f"\nbox build: {json.dumps(first)}; second call: {json.dumps(again)}")
+    assert again["cached"] is True
+    assert driver.target_unavailable_reason(target) is None
+    assert subprocess.run([str(vd.BOX_BUILD), "--check"], capture_output=True, text=True,
+                          env={**os.environ, "IOMUX_BOX_NAME": target.box or ""},
+                          timeout=60, check=False).returncode == 0
+
+
+@pytest.fixture
+def debian_vm(driver: vd.VagrantDriver, engine_reason: str | None,
+              tmp_path: Path) -> Iterator[dict[str, Any]]:
+    _need_vms(engine_reason)
+    target = _target("debian-vm")
+    driver.build(target, 1800)
+    state: dict[str, Any] = {"target": target, "run_id": f"test-{os.getpid()}", "timings": {}}
+    try:
+        yield state
+    finally:
+        # Whatever happened above: nothing of this run may survive it.
+        if "instance" in state:
+            driver.destroy(state["instance"], 600)
+        driver.sweep(state["run_id"])
+
+
+@pytest.mark.slow
+def test_full_cycle_up_check_exec_provision_destroy(driver: vd.VagrantDriver,
+                                                    debian_vm: dict[str, Any],
+                                                    tmp_path: Path) -> None:
+    target, timings = debian_vm["target"], debian_vm["timings"]
+    began = time.monotonic()
+    inst = driver.start(target, debian_vm["run_id"], "gw0", 1500)
+    debian_vm["instance"] = inst
+    timings["up"] = round(time.monotonic() - began, 1)
+    assert inst.resource_name.startswith(f"iomux-test-{os.getpid()}-gw0-")
+    assert all(host == "127.0.0.1" for host, _ in inst.echo_ports.values())
+    # The first provision did the work and said so.
+    assert inst.data["provision"].startswith("iomux-provision: changed="), inst.data
+    assert not inst.data["provision"].startswith("iomux-provision: changed=0 ")
+
+    t0 = time.monotonic()
+    driver.wait_healthy(inst, 600)
+    timings["healthy"] = round(time.monotonic() - t0, 1)
+
+    t0 = time.monotonic()
+    res = driver.exec(inst, ["uname", "-r"], 120)
+    timings["first_exec"] = round(time.monotonic() - t0, 2)
+    assert res.rc == 0, res.stderr
+    assert res.stdout.strip().endswith("-cloud-amd64"), res.stdout
+    assert res.stdout.strip() != os.uname().release
+    t0 = time.monotonic()
+    res = driver.exec(inst, ["printf", "%s\\n", NASTY], 60)
+    timings["exec"] = round(time.monotonic() - t0, 2)
+    assert res.stdout == NASTY + "\n"
+    assert driver.exec(inst, ["id", "-u"], 60, user="root").stdout.strip() == "0"
+    assert driver.exec(inst, ["sh", "-c", "exit 3"], 60).rc == 3
+
+    # insert_key: the shared insecure key was replaced by this machine's own (issue 6).
+    keys = driver.exec(inst, ["cat", ".ssh/authorized_keys"], 60).stdout
+    insecure = next(Path("/usr/share/rubygems-integration/all/gems").glob("vagrant-*/keys/vagrant.pub"),
+                    None)
+    if insecure is not None:
+        assert insecure.read_text().split()[1] not in keys
+    assert keys.strip(), "no authorized key at all"
+    # What the in-guest suite needs is in the box: there is no network to fetch it.
+    assert driver.exec(inst, ["python3", "-m", "pytest", "--version"], 120).rc == 0
+
+    copied = driver.copy_from(inst, "/etc/os-release", tmp_path / "os-release", 60)
+    assert 'VERSION_CODENAME=bookworm' in copied.read_text()
+
+    # The same tree again: the provisioner must find nothing to do.
+    t0 = time.monotonic()
+    line = driver.provision(inst, 600)
+    timings["reprovision"] = round(time.monotonic() - t0, 1)
+    assert line.startswith("iomux-provision: changed=0 "), line
+    assert line.split("state=")[1] == inst.data["provision"].split("state=")[1]
+
+    logs = driver.save_logs(inst, tmp_path / "logs")
+    names = {p.name for p in logs}
+    assert {"console.log", "dmesg.txt"} <= names
+    assert "Linux version" in (tmp_path / "logs" / "dmesg.txt").read_text()
+
+    spec, kwargs = driver.testinfra_spec(inst)
+    assert spec == "ssh://debian-vm" and Path(kwargs["ssh_config"]).is_file()
+
+    t0 = time.monotonic()
+    driver.destroy(inst, 600)
+    timings["destroy"] = round(time.monotonic() - t0, 1)
+    driver.destroy(inst, 600)  # safe twice
+    timings["cycle"] = round(time.monotonic() - began, 1)
+    print(f"\nvagrant timings (s): {json.dumps(timings)}", file=sys.stderr)
+    assert not [d for d in driver._domains() if d.startswith(inst.resource_name)]
+    assert not Path(inst.data["dir"]).exists()
+
+
+def test_sweep_removes_what_a_killed_run_left(driver: vd.VagrantDriver,
+                                              engine_reason: str | None) -> None:
+    """A run killed with -9 leaves its run directory and its domain: sweep(run) takes both."""
+    _need_vms(engine_reason)
+    run_id = f"killed-{os.getpid()}"
+    tag = f"{run_id}-gw1"
+    run_dir = vd.STATE_ROOT / f"{tag}-debian-vm"
+    domain = f"{vd.DOMAIN_PREFIX}{tag}-debian-vm"
+    uri = driver._libvirt_uri()
+    # A defined (never started) domain with our name stands in for the VM; its
+    # owner pid is one that no longer exists.
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "owner.json").write_text(json.dumps({
+        "io.iomux.project": "iomux", "io.iomux.run": run_id, "worker": "gw1", "tag": tag,
+        "machine": "debian-vm", "pid": dead.pid,
+        "env": {"VAGRANT_DOTFILE_PATH": str(run_dir / "dot-vagrant"), "IOMUX_RUN_ID": tag}}))
+    xml = run_dir / "domain.xml"
+    xml.write_text(f"<domain type='qemu'><name>{domain}</name><memory unit='MiB'>64</memory>"
+                   "<os><type arch='x86_64'>hvm</type></os></domain>")
+    try:
+        subprocess.run(["virsh", "-c", uri, "define", str(xml)], check=True, capture_output=True,
+                       timeout=60)
+        # Not this run's: left alone.
+        assert not [r for r in driver.sweep("some-other-run") if domain in r]
+        assert domain in driver._domains()
+        removed = driver.sweep(run_id)
+        assert any(domain in r for r in removed), removed
+        assert domain not in driver._domains()
+        assert not run_dir.exists()
+    finally:
+        subprocess.run(["virsh", "-c", uri, "undefine", domain], capture_output=True, timeout=60,
+                       check=False)
+        shutil.rmtree(run_dir, ignore_errors=True)

@@ -1,0 +1,142 @@
+#!/bin/sh
+# Provision a VM target: install iomux from the rsync'd working tree and run one
+# echo server per backend. POSIX sh: it runs on Debian (dash) and FreeBSD (sh).
+#
+#   provision.sh SRC BACKENDS
+#     SRC       the synced working tree (holds iomux/)
+#     BACKENDS  "auto:7000,select:7001,..." backend:guest-port pairs
+#
+# Idempotent: the last line is always "iomux-provision: changed=N ..." and a
+# second run with the same tree and ports reports changed=0 and touches
+# nothing (tests/harness/test_vagrant.py checks that line).
+set -eu
+
+SRC=${1:-/vagrant}
+BACKENDS=${2:-auto:7000}
+PREFIX=/opt/iomux
+MARK=$PREFIX/.provisioned
+changed=0
+
+[ -d "$SRC/iomux" ] || { echo "iomux-provision: error: $SRC/iomux not found (rsync'd tree missing)" >&2; exit 1; }
+
+find_python() {
+    for p in python3 python3.11 /usr/local/bin/python3.11; do
+        if command -v "$p" >/dev/null 2>&1; then command -v "$p"; return 0; fi
+    done
+    return 1
+}
+
+if ! PY=$(find_python); then
+    if [ "$(uname -s)" = FreeBSD ]; then
+        # pkg's release-versus-latest mismatch: a box built on an older point
+        # release refuses the repository's packages ("Newer FreeBSD version for
+        # package ...") until told to ignore the OS version. bootstrap -f
+        # reinstalls pkg itself from the repository the box is configured for.
+        export ASSUME_ALWAYS_YES=yes IGNORE_OSVERSION=yes
+        pkg bootstrap -f >/dev/null
+        pkg update -f >/dev/null
+        pkg install -y python311 >/dev/null
+        changed=$((changed + 1))
+    fi
+    PY=$(find_python) || { echo "iomux-provision: error: no python3 in the guest" >&2; exit 1; }
+fi
+
+sha() { if command -v sha256sum >/dev/null 2>&1; then sha256sum | cut -c1-16; else sha256 -q | cut -c1-16; fi; }
+
+# The state we want, as one hash: the package's sources, the ports, the interpreter.
+want=$( (cd "$SRC" && find iomux -name '*.py' | LC_ALL=C sort | xargs cat; echo "$BACKENDS $PY") | sha)
+
+if [ "$(cat "$MARK" 2>/dev/null || true)" != "$want" ]; then
+    # Standard library only: copying the package is the whole install, and it
+    # needs no pip and no network (the guest has none).
+    rm -rf "$PREFIX/lib.new"
+    mkdir -p "$PREFIX/lib.new"
+    cp -R "$SRC/iomux" "$PREFIX/lib.new/"
+    find "$PREFIX/lib.new" -name __pycache__ -type d -exec rm -rf {} + 2>/dev/null || true
+    rm -rf "$PREFIX/lib"
+    mv "$PREFIX/lib.new" "$PREFIX/lib"
+    # A .pth file in the interpreter's site directory: `python3 -m iomux` works
+    # for every user, as `pip install` would make it (and the suites run it so).
+    purelib=$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+    mkdir -p "$purelib" /usr/local/bin
+    echo "$PREFIX/lib" >"$purelib/iomux.pth"
+    printf '#!/bin/sh\nexec %s -m iomux "$@"\n' "$PY" >/usr/local/bin/iomux
+    chmod 755 /usr/local/bin/iomux
+    changed=$((changed + 1))
+    restart=1
+else
+    restart=0
+fi
+
+# One echo server per backend, on 0.0.0.0 inside the guest: the only way in is
+# the forwarded port on the host's 127.0.0.1. Under emulation every systemctl
+# and every Python start costs a second or more, so the units are reloaded,
+# queried and restarted in one call each, and only when something changed.
+pairs=$(echo "$BACKENDS" | tr ',' ' ')
+if command -v systemctl >/dev/null 2>&1; then
+    unit=/etc/systemd/system/iomux-echo@.service
+    body="[Unit]
+Description=iomux echo server, backend %i
+After=network.target
+
+[Service]
+EnvironmentFile=/etc/iomux/echo-%i.env
+ExecStart=/usr/local/bin/iomux serve --backend %i --host 0.0.0.0 --port \${PORT} --quiet
+DynamicUser=yes
+Restart=on-failure
+
+[Install]
+WantedBy=multi-user.target"
+    if [ "$(cat "$unit" 2>/dev/null || true)" != "$body" ]; then
+        printf '%s\n' "$body" >"$unit"; systemctl daemon-reload; changed=$((changed + 1)); restart=1
+    fi
+    mkdir -p /etc/iomux
+    units="" todo=""
+    for pair in $pairs; do
+        backend=${pair%%:*} port=${pair##*:}
+        units="$units iomux-echo@$backend.service"
+        if [ "$(cat "/etc/iomux/echo-$backend.env" 2>/dev/null || true)" != "PORT=$port" ]; then
+            echo "PORT=$port" >"/etc/iomux/echo-$backend.env"; changed=$((changed + 1))
+            todo="$todo iomux-echo@$backend.service"
+        fi
+    done
+    if [ "$restart" = 1 ]; then
+        todo=$units
+    else
+        # shellcheck disable=SC2086 # one word per unit
+        states=$(systemctl is-active $units || true)
+        set -- $units
+        for state in $states; do
+            [ "$state" = active ] || case " $todo " in *" $1 "*) ;; *) todo="$todo $1" ;; esac
+            shift
+        done
+    fi
+    if [ -n "$todo" ]; then
+        # shellcheck disable=SC2086
+        systemctl enable --quiet $todo 2>/dev/null || true
+        # shellcheck disable=SC2086
+        systemctl restart $todo
+        changed=$((changed + 1))
+    fi
+else
+    # FreeBSD: daemon(8) supervises and restarts each server.
+    for pair in $pairs; do
+        backend=${pair%%:*} port=${pair##*:}
+        pidf=/var/run/iomux-echo-$backend.pid
+        portf=/var/run/iomux-echo-$backend.port
+        if [ -s "$pidf" ] && { [ "$restart" = 1 ] || [ "$(cat "$portf" 2>/dev/null)" != "$port" ]; }; then
+            kill "$(cat "$pidf")" 2>/dev/null || true; sleep 1
+        fi
+        if ! { [ -s "$pidf" ] && kill -0 "$(cat "$pidf")" 2>/dev/null; }; then
+            daemon -r -P "$pidf" -u nobody /usr/local/bin/iomux serve --backend "$backend" \
+                --host 0.0.0.0 --port "$port" --quiet
+            echo "$port" >"$portf"
+            changed=$((changed + 1))
+        fi
+    done
+fi
+
+echo "$want" >"$MARK"
+version=$(sed -n 's/^__version__ = "\(.*\)"/\1/p' "$PREFIX/lib/iomux/__init__.py")
+echo "iomux-provision: python=$PY"
+echo "iomux-provision: changed=$changed version=${version:-unknown} state=$want"
