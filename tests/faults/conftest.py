@@ -1,0 +1,41 @@
+"""Fixtures of the fault suite: servers (reusing tests/server's helper), the suite marker.
+
+The fault suite sits beside tests/server and imports its ``serverproc`` helper
+(the black-box way of starting ``iomux serve``) instead of copying it; in a
+target, both directories are copied side by side (/opt/iomux/tests/server and
+/opt/iomux/tests/faults), so the sibling path works there too.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+_HERE = Path(__file__).resolve().parent
+# pytest's default import mode puts this directory on sys.path; --import-mode=importlib
+# does not, and the sibling helper is never on it: add both, helper last.
+for _path in (_HERE, _HERE.parent / "server"):
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
+
+from serverproc import ServerFactory  # noqa: E402  (needs the sys.path lines above)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # In a target there is no pyproject.toml to declare the marker.
+    config.addinivalue_line("markers", "suite(name): the report suite a test counts under")
+
+
+@pytest.fixture
+def servers(tmp_path: Path) -> Iterator[ServerFactory]:
+    """A factory of servers; teardown kills what is left and rejects any traceback."""
+    factory = ServerFactory(tmp_path)
+    try:
+        yield factory
+    finally:
+        factory.close()
+    for server in factory.servers:
+        server.assert_no_traceback()
