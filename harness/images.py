@@ -59,6 +59,10 @@ RECIPE_VERSION = "2"
 #: python3 for iomux; procps (ps) and iproute2 (ss) for testinfra's host checks;
 #: strace so that the registration probe can count system calls in the target.
 DEBOOTSTRAP_INCLUDE = ("python3", "procps", "iproute2", "strace")
+#: The test directories baked into every image (under /opt/iomux/tests/) and
+#: run there by the cross-OS suites: the behaviour suite and the fault suite,
+#: which imports the behaviour suite's server helper from ../server.
+IN_GUEST_SUITES = ("server", "faults")
 #: Debian suite -> the Python it ships, for the host-side wheel download.
 DEBIAN_SUITES: Mapping[str, str] = {"bookworm": "3.11", "trixie": "3.13"}
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
@@ -205,6 +209,13 @@ def host_pytest_version() -> str:
     import pytest
 
     return str(pytest.__version__)
+
+
+def host_hypothesis_version() -> str:
+    """The hypothesis the targets get (the fault suite's random clients): the host's own."""
+    import hypothesis
+
+    return str(hypothesis.__version__)
 
 
 class ImageBuilder:
@@ -371,9 +382,12 @@ class ImageBuilder:
         digest = hashlib.sha256()
         digest.update(json.dumps({"recipe": RECIPE_VERSION, "target": target.name,
                                   "base": base.image_id, "python": python,
-                                  "pytest": host_pytest_version()}, sort_keys=True).encode())
+                                  "pytest": host_pytest_version(),
+                                  "hypothesis": host_hypothesis_version()},
+                                 sort_keys=True).encode())
         _hash_paths(digest, REPO_ROOT, [DOCKERFILE, *source_paths(),
-                                        *_tree_files(REPO_ROOT / "tests" / "server")])
+                                        *(f for suite in IN_GUEST_SUITES
+                                          for f in _tree_files(REPO_ROOT / "tests" / suite))])
         return digest.hexdigest()[:16]
 
     def build_target(self, target: Target, timeout: float) -> BuildResult:
@@ -419,8 +433,9 @@ class ImageBuilder:
             else:
                 shutil.copy2(wheel, wheels / wheel.name)
         shutil.copy2(DOCKERFILE, ctx / "Dockerfile")
-        shutil.copytree(REPO_ROOT / "tests" / "server", ctx / "tests" / "server",
-                        ignore=shutil.ignore_patterns(*_SKIP_NAMES, "*.pyc"))
+        for suite in IN_GUEST_SUITES:
+            shutil.copytree(REPO_ROOT / "tests" / suite, ctx / "tests" / suite,
+                            ignore=shutil.ignore_patterns(*_SKIP_NAMES, "*.pyc"))
 
     def iomux_wheel(self, deadline: float) -> list[Path]:
         """The iomux wheel of the working tree, built once per source hash.
@@ -518,19 +533,21 @@ def target_python(target: Target) -> str:
 
 
 def dependency_wheels(python: str, deadline: float) -> list[Path]:
-    """pytest (pinned to the host's version) with its dependencies, and pip itself,
-    as wheels for Python ``python``; downloaded once from PyPI on the host."""
-    out = cache_dir() / "wheels" / f"py{python}-pytest{host_pytest_version()}"
+    """pytest and hypothesis (pinned to the host's versions) with their dependencies,
+    and pip itself, as wheels for Python ``python``; downloaded once from PyPI on the host."""
+    out = cache_dir() / "wheels" / (f"py{python}-pytest{host_pytest_version()}"
+                                     f"-hypothesis{host_hypothesis_version()}")
     with file_lock(f"wheels-py{python}"):
         if not (out / ".complete").exists():
             staging = Path(tempfile.mkdtemp(prefix="iomux-wheels-", dir=cache_dir()))
             try:
-                # pytest and its dependencies are pure Python: py3-none-any wheels,
+                # pytest, hypothesis and their dependencies are pure Python: py3-none-any wheels,
                 # so the host's platform tags do for any Linux target.
                 _run([sys.executable, "-m", "pip", "download", "--quiet",
                       "--disable-pip-version-check", "--only-binary=:all:",
                       "--python-version", python, "-d", str(staging),
-                      f"pytest=={host_pytest_version()}", "pip"],
+                      f"pytest=={host_pytest_version()}",
+                      f"hypothesis=={host_hypothesis_version()}", "pip"],
                      _remaining(deadline, "wheel download"), "wheel download")
                 (staging / ".complete").write_text("")
                 shutil.rmtree(out, ignore_errors=True)

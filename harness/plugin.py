@@ -176,6 +176,8 @@ class Harness:
             raise pytest.UsageError(str(exc)) from None
         self.by_name = {t.name: t for t in self.selected}
         self.failed_targets: set[str] = set()
+        #: set at session finish when the run was stopped (Ctrl-C, SIGTERM)
+        self.interrupted = False
         self.lifecycles: dict[str, TargetLifecycle] = {}
         # controller-only state
         self.tests: dict[str, dict[str, Any]] = {}
@@ -378,8 +380,11 @@ class Harness:
             for t in tests:
                 if t["outcome"] is None:  # set up, never finished: Ctrl-C or a dead worker
                     t["outcome"], t["message"] = "error", "did not finish (interrupted)"
-            inner = records.get("inner_tests")
-            if isinstance(inner, list) and inner:
+            # Each in-guest runner records its inner tests as "inner_tests:<suite>".
+            inner = [t for key, value in records.items()
+                     if key.startswith("inner_tests") and isinstance(value, list)
+                     for t in value]
+            if inner:
                 # The in-guest wrapper test is replaced by the tests it ran inside.
                 wrappers = {str(t.get("via")) for t in inner}
                 tests = [t for t in tests if t["name"] not in wrappers] + [
@@ -408,7 +413,13 @@ class Harness:
                                  f"{first['name']}: {first.get('message', '')}".rstrip(": "))
                 reason = "; ".join(parts)
             elif not any(t["outcome"] in ("passed", "xpassed") for t in tests):
-                status, reason = "not run", "no test of this target ran"
+                status, reason = "not run", ("interrupted before any test of this target ran"
+                                             if self.interrupted else
+                                             "no test of this target ran")
+            elif self.interrupted:
+                # Ctrl-C or SIGTERM: its remaining tests never ran, so no pass.
+                status, reason = "failed", (f"interrupted: the run was stopped before it "
+                                            f"finished ({len(tests)} tests had run)")
             else:
                 status = "passed"
             probe = records.get("probe") if isinstance(records.get("probe"), dict) else None
@@ -432,7 +443,9 @@ class Harness:
             if isinstance(records.get("build"), dict):
                 entry["build"] = records["build"]
             for key, value in records.items():
-                if key not in ("probe", "build", "inner_tests", "os", "kernel", "python",
+                if key.startswith("inner_tests"):
+                    continue
+                if key not in ("probe", "build", "os", "kernel", "python",
                                "backends", "claims"):
                     entry.setdefault(key, value)
             if isinstance(records.get("claims"), list):
@@ -656,6 +669,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     if harness.view is not None:
         harness.view.stop()
     harness.unregister_live()
+    harness.interrupted = exitstatus == pytest.ExitCode.INTERRUPTED
     results = harness.build_results()
     try:
         table = _write_results(harness.run_dir, results)

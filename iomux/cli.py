@@ -158,6 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--high-water", type=int, default=262144, metavar="BYTES", help="stop reading a connection with this much output pending (default 262144)")
     serve.add_argument("--low-water", type=int, default=65536, metavar="BYTES", help="resume reading at or below this much pending (default 65536)")
     serve.add_argument("--drain-timeout", type=_non_negative_float, default=2.0, metavar="S", help="on SIGTERM/SIGINT, wait this long for open connections (default 2)")
+    serve.add_argument("--sndbuf", type=int, default=0, metavar="BYTES", help="SO_SNDBUF of each connection (default 0: the kernel's); small values force partial writes")
     serve.add_argument("--stop-on-stdin", action="store_true", help="stop on a line or EOF on standard input")
     serve.add_argument("--quiet", action="store_true", help="only the contract's lines on stderr (no worker restarts or EMFILE notes)")
     serve.set_defaults(handler=_cmd_serve)

@@ -92,6 +92,7 @@ class ServerConfig:
     drain_timeout: float = 2.0
     stop_on_stdin: bool = False
     quiet: bool = False
+    sndbuf: int = 0
 
     def validate(self) -> None:
         """Raise UsageError for values no server could honour."""
@@ -109,6 +110,8 @@ class ServerConfig:
             raise UsageError("--idle-timeout and --drain-timeout must not be negative")
         if self.max_conns < 0:
             raise UsageError("--max-conns must not be negative")
+        if self.sndbuf < 0:
+            raise UsageError("--sndbuf must not be negative")
 
 
 def log(line: str) -> None:
@@ -588,6 +591,12 @@ class Server:
                 # peer already reset; the first recv will say so.)
                 with contextlib.suppress(OSError):
                     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if cfg.sndbuf:
+                # A small send buffer makes the kernel take part of each write:
+                # the way the fault suite injects partial writes. (Linux doubles
+                # the value and enforces a floor of about 4.5 KiB.)
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, cfg.sndbuf)
             peer = _Peer(sock, cfg.high_water, cfg.low_water, cfg.line_mode)
             peer.last_active = now
             try:

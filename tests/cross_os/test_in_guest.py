@@ -12,58 +12,22 @@ has pytest, ``scratch_dir`` a writable directory.
 from __future__ import annotations
 
 import json
-import xml.etree.ElementTree as ET
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from harness.drivers.base import Target, TargetError
+from harness.drivers.base import Target
+from harness.guest_suites import run_inner_suite, tail, target_python
 from harness.plugin import RunningTarget
 
 pytestmark = pytest.mark.suite("in-guest")
 
-#: The behaviour suite takes about a minute here; a VM under emulation is slower.
-INNER_TIMEOUT = 1800.0
-
-
-def _python(rt: RunningTarget) -> str:
-    return str(rt.instance.data.get("python", "python3"))
-
-
-def _tail(text: str, lines: int = 15) -> str:
-    return "\n".join(text.strip().splitlines()[-lines:])
-
-
-def parse_junit(path: Path, via: str) -> list[dict[str, Any]]:
-    """One ``{suite, name, outcome, duration, via}`` per <testcase> of a JUnit XML file."""
-    tests = []
-    for case in ET.parse(path).getroot().iter("testcase"):
-        classname = case.get("classname", "")
-        name = f"{classname}::{case.get('name', '?')}" if classname else case.get("name", "?")
-        outcome = "passed"
-        message = ""
-        for child in case:
-            if child.tag in ("failure", "error"):
-                outcome = "failed" if child.tag == "failure" else "error"
-                message = child.get("message", "")
-                break
-            if child.tag == "skipped":
-                outcome = "xfailed" if child.get("type") == "pytest.xfail" else "skipped"
-                message = child.get("message", "")
-        entry: dict[str, Any] = {"suite": "in-guest", "name": name, "outcome": outcome,
-                                 "duration": round(float(case.get("time") or 0), 4), "via": via}
-        if message:
-            entry["message"] = message.strip().splitlines()[0][:300] if message.strip() else ""
-        tests.append(entry)
-    return tests
-
 
 def test_probe(running_target: RunningTarget, target: Target) -> None:
     """``iomux probe --json`` in the target: record its facts, check the declared ones."""
-    result = running_target.exec([_python(running_target), "-m", "iomux", "probe", "--json",
+    result = running_target.exec([target_python(running_target), "-m", "iomux", "probe", "--json",
                                   "--probes", "none"], timeout=300)
-    assert result.rc == 0, f"iomux probe exited {result.rc}: {_tail(result.stderr)}"
+    assert result.rc == 0, f"iomux probe exited {result.rc}: {tail(result.stderr)}"
     facts = json.loads(result.stdout)
     # "probe" belongs to the claims suite (the behaviour probes, which the
     # report plots); these are the host facts only, so they go under "facts".
@@ -81,40 +45,6 @@ def test_probe(running_target: RunningTarget, target: Target) -> None:
 def test_behaviour_suite(running_target: RunningTarget, request: pytest.FixtureRequest,
                          tmp_path: Path) -> None:
     """tests/server inside the target; each inner test is reported on its own."""
-    data = running_target.instance.data
-    tests_dir = data.get("tests_dir")
+    tests_dir = running_target.instance.data.get("tests_dir")
     assert tests_dir, "the driver did not say where the in-guest tests are (data['tests_dir'])"
-    scratch = str(data.get("scratch_dir", "/tmp"))
-    inner_xml = f"{scratch}/iomux-in-guest.xml"
-    argv = [_python(running_target), "-m", "pytest", "-p", "no:cacheprovider", "-q",
-            str(tests_dir), "--junitxml", inner_xml]
-    result = running_target.exec(argv, timeout=INNER_TIMEOUT)
-    (running_target.report_dir / "in-guest.txt").write_text(result.stdout + result.stderr)
-    # pytest's exit status: 0 all passed, 1 some failed; anything else means the
-    # suite itself could not run (usage error, no tests, internal error).
-    assert result.rc in (0, 1), (f"inner pytest exited {result.rc}:\n"
-                                 f"{_tail(result.stdout + result.stderr)}")
-    try:
-        local_xml = running_target.copy_from(inner_xml, tmp_path / "in-guest.xml")
-    except TargetError:
-        # Docker's archive API reads the container's root filesystem, not the
-        # tmpfs mounted on /tmp (the root is read-only), so read it through exec.
-        cat = running_target.exec([_python(running_target), "-c",
-                                   "import sys; sys.stdout.write(open(sys.argv[1]).read())",
-                                   inner_xml], timeout=60)
-        assert cat.rc == 0, f"cannot read {inner_xml} in the target: {_tail(cat.stderr)}"
-        local_xml = tmp_path / "in-guest.xml"
-        local_xml.write_text(cat.stdout)
-    via = request.node.nodeid
-    if via.rfind("@") > via.rfind("]"):  # an xdist group suffix
-        via = via.rsplit("@", 1)[0]
-    via = via.split("/")[-1]  # the name the plugin files this test under
-    inner = parse_junit(local_xml, via)
-    assert inner, "the in-guest suite ran no test"
-    running_target.record("inner_tests", inner)
-    failed = [f"{t['name']}: {t.get('message', '')}" for t in inner
-              if t["outcome"] in ("failed", "error")]
-    if failed:
-        pytest.fail(f"{len(failed)} of {len(inner)} in-guest tests failed:\n  "
-                    + "\n  ".join(failed), pytrace=False)
-    assert result.rc == 0, _tail(result.stdout)
+    run_inner_suite(running_target, request, tmp_path, "in-guest", str(tests_dir))

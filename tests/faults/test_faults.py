@@ -238,11 +238,10 @@ class ServerFaultTests:
     def test_partial_writes_sha256(self) -> None:
         """Fault: the server's sends are short (the kernel takes part of each write).
 
-        Injection: ``iomux serve`` has no flag for its SO_SNDBUF, so short sends
-        are forced from the client side: 8 clients (scaled) with a 4 KiB
-        SO_RCVBUF each write 4 MiB in bursts of 256 KiB and start reading, 4 KiB at a
-        time, only once their writes stall; the server's send buffers for them
-        are then full and its sends short.
+        Injection: the server runs with ``--sndbuf 4096`` (a small SO_SNDBUF on
+        every connection), and 8 clients (scaled) with a 4 KiB SO_RCVBUF each
+        write 4 MiB in bursts of 256 KiB and start reading, 4 KiB at a time,
+        only once their writes stall; the server's sends are then short.
         The server runs with ``--high-water 16384``, so a short send that
         leaves more than 16 KiB queued pauses reading.
         Must hold: each client's echo has the SHA-256 of its input, and the
@@ -250,7 +249,7 @@ class ServerFaultTests:
         """
         # A small high-water mark makes any short send that leaves more than
         # 16 KiB behind pause reading, which the stats line then counts.
-        server = self.serve("--high-water", "16384", "--low-water", "4096")
+        server = self.serve("--sndbuf", "4096", "--high-water", "16384", "--low-water", "4096")
         # 4 MiB each, unscaled: less would fit in the kernel's buffers and no
         # send would fall short. Fewer clients on slow machines instead.
         payloads = [os.urandom(4 * MiB) for _ in range(scaled(8, minimum=2))]

@@ -86,6 +86,8 @@ def test_unavailable_backend_exits_2(capsys: pytest.CaptureFixture[str]) -> None
         ["serve", "--workers", "0"],
         ["serve", "--high-water", "10", "--low-water", "20"],
         ["serve", "--drain-timeout", "-1"],
+        ["serve", "--sndbuf", "-1"],
+        ["probe", "--probes", "bogus"],
         ["frobnicate"],
         [],
         ["report"],

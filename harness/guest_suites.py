@@ -1,0 +1,99 @@
+"""Running a pytest suite inside a target and filing each inner test in the report.
+
+The in-guest behaviour suite (tests/server) and the fault suite (tests/faults)
+run the same way: pytest inside the target with a JUnit file, the file brought
+back, and each inner test recorded under the report suite it belongs to
+(``record("inner_tests:<suite>", ...)``), in place of the one wrapper test.
+"""
+
+from __future__ import annotations
+
+import xml.etree.ElementTree as ET
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from harness.drivers.base import TargetError
+from harness.plugin import RunningTarget
+
+#: The behaviour suite takes about a minute here; a VM under emulation is slower.
+INNER_TIMEOUT = 1800.0
+
+
+def target_python(rt: RunningTarget) -> str:
+    """The interpreter inside the target that has iomux and pytest."""
+    return str(rt.instance.data.get("python", "python3"))
+
+
+def tail(text: str, lines: int = 15) -> str:
+    """The last lines of a command's output, for a failure message."""
+    return "\n".join(text.strip().splitlines()[-lines:])
+
+
+def parse_junit(path: Path, via: str, suite: str = "in-guest") -> list[dict[str, Any]]:
+    """One ``{suite, name, outcome, duration, via}`` per <testcase> of a JUnit XML file."""
+    tests = []
+    for case in ET.parse(path).getroot().iter("testcase"):
+        classname = case.get("classname", "")
+        name = f"{classname}::{case.get('name', '?')}" if classname else case.get("name", "?")
+        outcome = "passed"
+        message = ""
+        for child in case:
+            if child.tag in ("failure", "error"):
+                outcome = "failed" if child.tag == "failure" else "error"
+                message = child.get("message", "")
+                break
+            if child.tag == "skipped":
+                outcome = "xfailed" if child.get("type") == "pytest.xfail" else "skipped"
+                message = child.get("message", "")
+        entry: dict[str, Any] = {"suite": suite, "name": name, "outcome": outcome,
+                                 "duration": round(float(case.get("time") or 0), 4), "via": via}
+        if message:
+            entry["message"] = message.strip().splitlines()[0][:300] if message.strip() else ""
+        tests.append(entry)
+    return tests
+
+
+def run_inner_suite(running_target: RunningTarget, request: pytest.FixtureRequest,
+                    tmp_path: Path, suite: str, tests_dir: str,
+                    env: dict[str, str] | None = None) -> None:
+    """Run pytest on ``tests_dir`` inside the target; report each inner test under ``suite``."""
+    data = running_target.instance.data
+    scratch = str(data.get("scratch_dir", "/tmp"))
+    inner_xml = f"{scratch}/iomux-{suite}.xml"
+    argv = [target_python(running_target), "-m", "pytest", "-p", "no:cacheprovider", "-q",
+            tests_dir, "--junitxml", inner_xml]
+    if env:
+        # env(1) takes NAME=VALUE words as data: no shell is involved.
+        argv = ["env", *(f"{k}={v}" for k, v in sorted(env.items())), *argv]
+    result = running_target.exec(argv, timeout=INNER_TIMEOUT)
+    (running_target.report_dir / f"{suite}.txt").write_text(result.stdout + result.stderr)
+    # pytest's exit status: 0 all passed, 1 some failed; anything else means the
+    # suite itself could not run (usage error, no tests, internal error).
+    assert result.rc in (0, 1), (f"inner pytest exited {result.rc}:\n"
+                                 f"{tail(result.stdout + result.stderr)}")
+    try:
+        local_xml = running_target.copy_from(inner_xml, tmp_path / f"{suite}.xml")
+    except TargetError:
+        # Docker's archive API reads the container's root filesystem, not the
+        # tmpfs mounted on /tmp (the root is read-only), so read it through exec.
+        cat = running_target.exec([target_python(running_target), "-c",
+                                   "import sys; sys.stdout.write(open(sys.argv[1]).read())",
+                                   inner_xml], timeout=60)
+        assert cat.rc == 0, f"cannot read {inner_xml} in the target: {tail(cat.stderr)}"
+        local_xml = tmp_path / f"{suite}.xml"
+        local_xml.write_text(cat.stdout)
+    via = request.node.nodeid
+    if via.rfind("@") > via.rfind("]"):  # an xdist group suffix
+        via = via.rsplit("@", 1)[0]
+    via = via.split("/")[-1]  # the name the plugin files this test under
+    inner = parse_junit(local_xml, via, suite)
+    assert inner, f"the {suite} suite ran no test"
+    running_target.record(f"inner_tests:{suite}", inner)
+    failed = [f"{t['name']}: {t.get('message', '')}" for t in inner
+              if t["outcome"] in ("failed", "error")]
+    if failed:
+        pytest.fail(f"{len(failed)} of {len(inner)} {suite} tests failed:\n  "
+                    + "\n  ".join(failed), pytrace=False)
+    assert result.rc == 0, tail(result.stdout)
