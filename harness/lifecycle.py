@@ -67,6 +67,10 @@ KIND_TIMEOUTS: Mapping[str, Mapping[str, float]] = {
 #: the driver, which should have raised StepTimeout itself by then.
 GRACE = 15.0
 
+#: After a Ctrl-C, how long a step that creates things (start) is still waited
+#: for, so that what it made is known and destroyed rather than orphaned.
+INTERRUPT_WAIT = 60.0
+
 
 def step_timeouts(target: Target, override: float | None = None) -> dict[str, float]:
     """Timeouts of each step for ``target``: the sequence's, the kind's, the
@@ -83,25 +87,41 @@ def step_timeouts(target: Target, override: float | None = None) -> dict[str, fl
     return timeouts
 
 
-def call_with_timeout(step: str, timeout: float, fn: Callable[[], T]) -> T:
+def call_with_timeout(step: str, timeout: float, fn: Callable[[], T],
+                      finish_on_interrupt: bool = False) -> T:
     """Run ``fn`` in a watchdog thread; raise StepTimeout naming ``step`` if it outlives
-    ``timeout`` plus a grace. ``timeout <= 0`` means no watchdog."""
+    ``timeout`` plus a grace. ``timeout <= 0`` means no watchdog.
+
+    Ctrl-C reaches only the main thread, and ``fn`` goes on in its own: with
+    ``finish_on_interrupt`` the KeyboardInterrupt waits (up to INTERRUPT_WAIT)
+    for ``fn`` to finish first, so that its side effects are complete."""
     if timeout <= 0:
         return fn()
     box: dict[str, Any] = {}
+    # An Event, not Thread.join: a join interrupted by Ctrl-C marks a thread that
+    # is still running as stopped (CPython 3.11's fix for bpo-45274 releases
+    # its state lock), so a second join would not wait.
+    done = threading.Event()
 
     def body() -> None:
         try:
             box["value"] = fn()
         except BaseException as exc:  # carried over to the calling thread
             box["error"] = exc
+        finally:
+            done.set()
 
     # A daemon thread: a driver call that never returns must not keep the
     # interpreter alive at exit.
     thread = threading.Thread(target=body, name=f"iomux-{step}", daemon=True)
     thread.start()
-    thread.join(timeout + GRACE)
-    if thread.is_alive():
+    try:
+        done.wait(timeout + GRACE)
+    except KeyboardInterrupt:
+        if finish_on_interrupt:
+            done.wait(min(timeout + GRACE, INTERRUPT_WAIT))
+        raise
+    if not done.is_set():
         raise StepTimeout(f"{step}: timed out after {timeout:g}s (the driver did not return)")
     if "error" in box:
         raise box["error"]
@@ -151,7 +171,8 @@ class TargetLifecycle:
         started = time.monotonic()
         label = f"{self.target.name}: {name}"
         try:
-            return call_with_timeout(label, self.timeouts[name], fn)
+            return call_with_timeout(label, self.timeouts[name], fn,
+                                     finish_on_interrupt=name == "start")
         except (StepTimeout, TargetError) as exc:
             self._emit("error", step=name, message=_one_line(exc))
             raise
@@ -175,9 +196,16 @@ class TargetLifecycle:
             self.build_facts = dict(facts or {})
             self._emit("record", key="build", value=self.build_facts)
             self._phase("built", "cached" if self.build_facts.get("cached") else "")
-            self.instance = self._step("start", lambda: self.driver.start(
-                self.target, self.run_id, self.worker, self.timeouts["start"]))
-            instance = self.instance
+
+            def start() -> Instance:
+                # Kept in the step's own thread: after a Ctrl-C the return value
+                # is lost, and tear_down must still find the instance to destroy.
+                started = self.driver.start(self.target, self.run_id, self.worker,
+                                            self.timeouts["start"])
+                self.instance = started
+                return started
+
+            instance = self._step("start", start)
             self._step("healthy", lambda: self.driver.wait_healthy(
                 instance, self.timeouts["healthy"]))
         except BaseException:
@@ -186,7 +214,7 @@ class TargetLifecycle:
         self._phase("healthy")
         self._test_started = time.monotonic()
         self._phase("testing")
-        return self.instance
+        return instance
 
     def exec(self, argv: Sequence[str], timeout: float = 120,
              user: str | None = None) -> ExecResult:

@@ -95,6 +95,16 @@ def _process_start(pid: int) -> str:
     return stat.rsplit(")", 1)[1].split()[19]
 
 
+def _zombie(pid: int) -> bool:
+    """Whether ``pid`` has exited but is not reaped yet (state Z or X in /proc):
+    a kill -9'd harness worker stays so for a second or more, and is dead."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] in ("Z", "X")
+
+
 def owner_label() -> str:
     """This process as a resource owner."""
     pid = os.getpid()
@@ -118,6 +128,8 @@ def owner_alive(owner: str) -> bool:
         return False
     except PermissionError:
         return True
+    if _zombie(pid):
+        return False
     return not started or _process_start(pid) in ("", started)
 
 

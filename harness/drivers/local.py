@@ -233,9 +233,13 @@ class LocalDriver(Driver):
         return "local://", {}
 
     def copy_from(self, instance: Instance, path: str, dest: Path, timeout: float) -> Path:
-        """A plain copy."""
+        """A plain copy; a missing or unreadable file is a one-line TargetError, as in
+        the other drivers."""
         dest.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(path, dest)
+        try:
+            shutil.copyfile(path, dest)
+        except OSError as exc:
+            raise TargetError(f"copy: {path}: {exc.strerror or exc}") from None
         return dest
 
     def save_logs(self, instance: Instance, dest: Path) -> list[Path]:

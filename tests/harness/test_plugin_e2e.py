@@ -62,10 +62,12 @@ def test_local_passes_and_a_missing_engine_is_not_run(tmp_path: Path) -> None:
     suites = local["suites"]
     assert {"in-guest", "black-box", "host"} <= set(suites)  # later issues add suites
     assert suites["black-box"]["passed"] >= 4 * len(local["backends"])
-    assert suites["host"] == {"passed": 4, "failed": 0, "skipped": 0}
+    # test_host's four, and test_hardening's checks that apply to a local target
+    assert suites["host"]["failed"] == 0 and suites["host"]["passed"] >= 4
     assert suites["in-guest"]["passed"] == 1  # the probe; the behaviour suite was deselected
     ours = [t for t in local["tests"] if t["suite"] in ("in-guest", "black-box", "host")]
-    assert all(t["duration"] >= 0 and t["outcome"] == "passed" for t in ours)
+    assert all(t["duration"] >= 0 and t["outcome"] in ("passed", "skipped") for t in ours)
+    assert all(t["outcome"] == "passed" for t in ours if t["suite"] != "host")
     assert local["timings"]["build"] is not None and local["timings"]["destroy"] is not None
 
     docker = by_name["debian-12"]
