@@ -21,7 +21,7 @@ for _path in (_HERE, _HERE.parent / "server"):
     if str(_path) not in sys.path:
         sys.path.insert(0, str(_path))
 
-from serverproc import ServerFactory  # noqa: E402  (needs the sys.path lines above)
+from serverproc import ServerFactory, server_factory  # noqa: E402  (needs the sys.path lines above)
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -32,10 +32,4 @@ def pytest_configure(config: pytest.Config) -> None:
 @pytest.fixture
 def servers(tmp_path: Path) -> Iterator[ServerFactory]:
     """A factory of servers; teardown kills what is left and rejects any traceback."""
-    factory = ServerFactory(tmp_path)
-    try:
-        yield factory
-    finally:
-        factory.close()
-    for server in factory.servers:
-        server.assert_no_traceback()
+    yield from server_factory(tmp_path)

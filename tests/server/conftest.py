@@ -14,17 +14,10 @@ import pytest
 if str(Path(__file__).resolve().parent) not in sys.path:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from serverproc import ServerFactory
+from serverproc import ServerFactory, server_factory
 
 
 @pytest.fixture
 def servers(tmp_path: Path) -> Iterator[ServerFactory]:
     """A factory of servers; teardown kills what is left and rejects any traceback."""
-    factory = ServerFactory(tmp_path)
-    try:
-        yield factory
-    finally:
-        factory.close()
-    # After close(), so that the check sees every line the servers wrote.
-    for server in factory.servers:
-        server.assert_no_traceback()
+    yield from server_factory(tmp_path)

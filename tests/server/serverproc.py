@@ -644,3 +644,16 @@ def child_pids(pid: int) -> List[int]:
         ["pgrep", "-P", str(pid)], capture_output=True, text=True, timeout=10, check=False
     )
     return sorted(int(x) for x in out.stdout.split())
+
+
+def server_factory(tmp_path: Path) -> Iterator[ServerFactory]:
+    """The body of the suites' ``servers`` fixture: a factory of servers whose
+    teardown kills what is left and rejects any traceback in their stderr."""
+    factory = ServerFactory(tmp_path)
+    try:
+        yield factory
+    finally:
+        factory.close()
+    # After close(), so that the check sees every line the servers wrote.
+    for server in factory.servers:
+        server.assert_no_traceback()
