@@ -25,8 +25,10 @@ DISK_SIZE=2G
 # The guest's packages: the list. initramfs-tools and kmod are named so
 # that debootstrap's resolver does not have to choose an alternative. The guest
 # has no network (restrict=on), so what the in-guest suite needs comes with the
-# box: Debian's python3-pytest (tests/server needs pytest only).
-PKGS=linux-image-cloud-amd64,initramfs-tools,kmod,systemd-sysv,udev,ifupdown,isc-dhcp-client,iproute2,openssh-server,sudo,python3,qemu-guest-agent,rsync,procps,python3-pytest
+# box: Debian's python3-pytest (tests/server needs pytest only), python3-hypothesis
+# (the fault suite's random clients) and strace (the registration probe counts
+# epoll_ctl calls with it).
+PKGS=linux-image-cloud-amd64,initramfs-tools,kmod,systemd-sysv,udev,ifupdown,isc-dhcp-client,iproute2,openssh-server,sudo,python3,qemu-guest-agent,rsync,procps,python3-pytest,python3-hypothesis,strace
 
 log() { printf '[box] %s\n' "$*"; }
 die() { printf 'box: error: %s\n' "$*" >&2; exit 1; }
