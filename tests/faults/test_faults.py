@@ -601,10 +601,12 @@ class TestSelect(ServerFaultTests):
                     b.finish()
             served, refused = outcomes.count("echo"), outcomes.count("closed")
             assert refused >= 1 and served + refused == many, (served, refused)
-            lines = server.matching(REFUSED_RE)
-            assert len(lines) == refused and all(int(m["fd"]) >= 1024 for m in lines)
+            # Stats first: its line follows every refusal line on stderr, so once
+            # it is read, they are too.
             stats = server.stats()
             assert stats["refused"] == refused, stats
+            lines = server.matching(REFUSED_RE)
+            assert len(lines) == refused and all(int(m["fd"]) >= 1024 for m in lines)
             for c in clients:
                 c.close()
             server.wait_stats(open=0)
