@@ -133,6 +133,34 @@ def owner_alive(owner: str) -> bool:
     return not started or _process_start(pid) in ("", started)
 
 
+
+def remove_container(container: Any, settle: float = 30.0) -> bool:
+    """Force-remove ``container``; True if this call removed it.
+
+    Two sweeps on one engine (parallel runs, or a run and its tests) can reach
+    the same leftover: Docker then answers the second with 409 "removal of
+    container ... is already in progress". That one is gone, not ours to fail
+    on; we wait (up to ``settle`` seconds) until it is, so that removing its
+    network next does not find an endpoint still attached.
+    """
+    errors = docker_errors()
+    try:
+        container.remove(force=True, v=True)
+        return True
+    except errors.NotFound:
+        return False
+    except errors.APIError as exc:
+        if exc.status_code != 409 or "already in progress" not in str(exc):
+            raise
+    deadline = time.monotonic() + settle
+    while time.monotonic() < deadline:
+        try:
+            container.reload()
+        except errors.NotFound:
+            break
+        time.sleep(0.2)
+    return False
+
 class DockerDriver(Driver):
     """Linux container targets on a Docker engine."""
 
@@ -206,12 +234,8 @@ class DockerDriver(Driver):
 
         removed: list[str] = []
         for container in client.containers.list(all=True, filters={"label": labels}):
-            if doomed(container.labels):
-                try:
-                    container.remove(force=True, v=True)
-                    removed.append(f"container {container.name}")
-                except errors.NotFound:
-                    pass
+            if doomed(container.labels) and remove_container(container):
+                removed.append(f"container {container.name}")
         for network in client.networks.list(filters={"label": labels}):
             if doomed(network.attrs.get("Labels")):
                 try:
@@ -532,7 +556,7 @@ class DockerDriver(Driver):
         errors = docker_errors()
         client = self.client(instance.target)
         with contextlib.suppress(errors.NotFound):
-            client.containers.get(instance.resource_name).remove(force=True, v=True)
+            remove_container(client.containers.get(instance.resource_name))
         network = instance.data.get("network")
         if network:
             with contextlib.suppress(errors.NotFound):
