@@ -91,6 +91,8 @@ class Multiplexer(abc.ABC):
 
         Raises:
             KeyError: ``fd`` is not registered.
+            OSError: the kernel kept some of the registration (kqueue: a filter
+                whose delete failed); ``fd`` stays registered for what it kept.
         """
 
     @abc.abstractmethod

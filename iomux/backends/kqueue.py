@@ -7,9 +7,19 @@ Some facts about kqueue, and what follows for us:
   fd means adding or deleting single filters. A filter is removed with a
   kevent of the same ident and filter and the flag EV_DELETE (not by building
   a fresh EV_ADD kevent, which would just re-add it).
-- One kevent() call both applies a change list and waits; we apply changes
-  at once (max_events=0, timeout 0) so an error is raised by the call that
-  caused it, and the bookkeeping can be rolled back.
+- One kevent() call both applies a change list and waits. We apply changes
+  at once, every change flagged EV_RECEIPT and with room for one reply per
+  change, so the kernel processes the whole list and answers each change
+  with an EV_ERROR reply whose ``data`` is its errno (0: applied), the way
+  mio does. Without room for replies, FreeBSD's kevent() stops at the first
+  failing change, keeps the ones before it and returns -1: one errno for a
+  list, and no way to tell which changes went in. With receipts we undo
+  exactly the changes that were applied and roll the bookkeeping back.
+- A kevent() call that produced any EV_ERROR reply (a receipt counts) returns
+  only those replies and does not scan for events (FreeBSD's kqueue_kevent
+  returns nerrors before kqueue_scan; macOS skips the scan once it has
+  output), so applying changes never takes a pending event off the queue.
+- EV_RECEIPT is 0x40 on FreeBSD and macOS; CPython does not export the name.
 - Events come one per (ident, filter): an fd ready both ways appears twice,
   so ``poll`` merges them per fd.
 - EV_EOF in ``flags`` means the peer shut down (a half-close on the read
@@ -23,19 +33,28 @@ Some facts about kqueue, and what follows for us:
   EV_ADD re-evaluates it, so resuming reads after a pause is reported again.
 - Closing an fd removes its knotes. Deleting a knote of a closed fd fails:
   FreeBSD reports this using EBADF, macOS uses ENOENT. The server unregisters
-  before closing; we tolerate both errnos anyway.
+  before closing; we tolerate both errnos anyway. Any other errno on a delete
+  leaves that knote in the kernel, so the fd stays registered with what the
+  kernel still watches and the error is raised: no event ever comes for an fd
+  the bookkeeping does not know.
+- An fd registered with no interest has no knote. To let the kernel judge the
+  fd all the same (a closed fd is EBADF), ``register(fd, 0)`` adds and deletes
+  a read filter in one call.
 - No FD_SETSIZE limit; timeouts are seconds (float), None waits for ever.
 """
 
 from __future__ import annotations
 
 import errno
+import os
 import select
 from typing import Any, Dict, List, Optional
 
 from iomux.backends.base import EVENT_ERROR, EVENT_READ, EVENT_WRITE, Events, Multiplexer
 
 _GONE = (errno.EBADF, errno.ENOENT)
+# <sys/event.h> on FreeBSD and macOS alike; select has no KQ_EV_RECEIPT.
+EV_RECEIPT = 0x40
 
 
 class KqueueMultiplexer(Multiplexer):
@@ -59,44 +78,64 @@ class KqueueMultiplexer(Multiplexer):
         self._delete = sel.KQ_EV_DELETE
         self._eof = sel.KQ_EV_EOF
         self._error = sel.KQ_EV_ERROR
+        self._receipt = getattr(sel, "KQ_EV_RECEIPT", EV_RECEIPT)
 
     def fileno(self) -> int:
         """The kqueue's own fd."""
         fd: int = self._kq.fileno()
         return fd
 
-    def _changes(self, fd: int, old: int, new: int) -> List[Any]:
-        kevent = self._sel.kevent
-        changes = []
+    def _filters(self, old: int, new: int) -> List[tuple[int, int, bool]]:
+        """(our bit, filter, add?) for each filter that changes from ``old`` to ``new``."""
+        out = []
         for bit, filt in ((EVENT_READ, self._read), (EVENT_WRITE, self._write)):
             if new & bit and not old & bit:
-                changes.append(kevent(fd, filt, self._add))
+                out.append((bit, filt, True))
             elif old & bit and not new & bit:
-                changes.append(kevent(fd, filt, self._delete))
-        return changes
+                out.append((bit, filt, False))
+        return out
+
+    def _submit(self, fd: int, changes: List[tuple[int, bool]]) -> List[int]:
+        """Apply ``(filter, add?)`` changes to ``fd`` in one kevent(); each change's errno (0: applied)."""
+        kevent = self._sel.kevent
+        flags = {True: self._add | self._receipt, False: self._delete | self._receipt}
+        replies = self._kq.control([kevent(fd, filt, flags[add]) for filt, add in changes], len(changes), 0)
+        # One EV_ERROR reply per change, in the order of the change list (see
+        # the module essay). A reply that did not come back leaves the change's
+        # fate unknown: it counts as refused.
+        errors = []
+        for i, (filt, _) in enumerate(changes):
+            kev = replies[i] if i < len(replies) else None
+            ok = kev is not None and kev.ident == fd and kev.filter == filt and kev.flags & self._error
+            errors.append(int(kev.data) if ok and kev is not None else errno.EIO)
+        return errors
 
     def _apply(self, fd: int, old: int, new: int) -> None:
-        changes = self._changes(fd, old, new)
-        if not changes:
+        todo = self._filters(old, new)
+        if not todo:
             return
-        try:
-            self._kq.control(changes, 0, 0)
-        except OSError:
-            # With no room for events, kevent() stops at the first failing change
-            # and keeps the ones before it: undo those one by one, then re-raise,
-            # so the kernel agrees with our bookkeeping (which still says ``old``).
-            for undo in self._changes(fd, new, old):
-                try:
-                    self._kq.control([undo], 0, 0)
-                except OSError:
-                    continue  # this one was never applied
-            raise
+        errors = self._submit(fd, [(filt, add) for _, filt, add in todo])
+        failed = [err for err in errors if err]
+        if failed:
+            # Undo exactly what went in, so the kernel agrees with the bookkeeping
+            # (which still says ``old``); an undo that fails leaves nothing to undo.
+            undo = [(filt, not add) for (_, filt, add), err in zip(todo, errors) if not err]
+            if undo:
+                self._submit(fd, undo)
+            raise OSError(failed[0], os.strerror(failed[0]))
 
     def register(self, fd: int, events: int) -> None:
         self._check_fd(fd)
         if fd in self._events:
             raise KeyError(f"fd {fd} is already registered")
-        self._apply(fd, 0, events)
+        if events & (EVENT_READ | EVENT_WRITE):
+            self._apply(fd, 0, events)
+        else:
+            # No filter to add: let the kernel judge the fd with an add and a
+            # delete in one call (no event can come of it, see the essay).
+            added, _ = self._submit(fd, [(self._read, True), (self._read, False)])
+            if added:
+                raise OSError(added, os.strerror(added))
         self._events[fd] = events
 
     def modify(self, fd: int, events: int) -> None:
@@ -105,14 +144,21 @@ class KqueueMultiplexer(Multiplexer):
         self._events[fd] = events
 
     def unregister(self, fd: int) -> None:
-        old = self._events.pop(fd)
-        # Delete filter by filter: one failing (already gone) must not keep the other.
-        for change in self._changes(fd, old, 0):
-            try:
-                self._kq.control([change], 0, 0)
-            except OSError as exc:
-                if exc.errno not in _GONE:
-                    raise
+        old = self._events[fd]
+        todo = self._filters(old, 0)
+        kept = 0
+        first = 0
+        if todo:
+            # Both filters in one call, each reply checked (mio's deregister).
+            for (bit, _, _), err in zip(todo, self._submit(fd, [(filt, False) for _, filt, _ in todo])):
+                if err and err not in _GONE:
+                    kept |= bit
+                    first = first or err
+        if kept:
+            # The kernel still has these knotes: the fd stays registered for them.
+            self._events[fd] = kept
+            raise OSError(first, os.strerror(first))
+        del self._events[fd]
 
     def poll(self, timeout: Optional[float]) -> Events:
         if timeout is not None and timeout < 0:

@@ -12,6 +12,7 @@ import socket
 import time
 from typing import Dict, Iterator, List, Tuple, Type
 
+import fake_kqueue
 import pytest
 
 from iomux import backends
@@ -306,104 +307,169 @@ def test_error_bit_is_distinct() -> None:
 
 
 # -- kqueue's bookkeeping, checked on any kernel with a stand-in select module ----
+# fake_kqueue models FreeBSD's kevent(); its docstring lists what it does not.
 
-
-class _FakeKevent:
-    def __init__(self, ident: int, filter: int = -1, flags: int = 1, fflags: int = 0, data: int = 0) -> None:
-        self.ident, self.filter, self.flags, self.fflags, self.data = ident, filter, flags, fflags, data
-
-
-class _FakeKqueue:
-    def __init__(self, log: List[Tuple[int, int, int]], ready: List[_FakeKevent]) -> None:
-        self.log = log
-        self.ready = ready
-
-    def control(self, changes: object, max_events: int, timeout: object = None) -> List[_FakeKevent]:
-        for kev in changes or ():  # type: ignore[attr-defined]
-            self.log.append((kev.ident, kev.filter, kev.flags))
-        out, self.ready[:] = list(self.ready), []
-        return out[:max_events]
-
-    def close(self) -> None:
-        pass
+READ, WRITE = fake_kqueue.KQ_FILTER_READ, fake_kqueue.KQ_FILTER_WRITE
+ADD, DELETE, CLEAR = fake_kqueue.KQ_EV_ADD, fake_kqueue.KQ_EV_DELETE, fake_kqueue.KQ_EV_CLEAR
 
 
 @pytest.fixture
-def fake_kqueue(monkeypatch: pytest.MonkeyPatch) -> Iterator[Tuple[List[Tuple[int, int, int]], List[_FakeKevent]]]:
-    import types
-
+def kernel(monkeypatch: pytest.MonkeyPatch) -> fake_kqueue.Kernel:
     from iomux.backends import kqueue as kqueue_module
 
-    log: List[Tuple[int, int, int]] = []
-    ready: List[_FakeKevent] = []
-    # BSD's values: the filters are negative, the flags bits.
-    fake = types.SimpleNamespace(
-        kqueue=lambda: _FakeKqueue(log, ready),
-        kevent=_FakeKevent,
-        KQ_FILTER_READ=-1,
-        KQ_FILTER_WRITE=-2,
-        KQ_EV_ADD=0x1,
-        KQ_EV_DELETE=0x2,
-        KQ_EV_CLEAR=0x20,
-        KQ_EV_EOF=0x8000,
-        KQ_EV_ERROR=0x4000,
-    )
-    monkeypatch.setattr(kqueue_module, "select", fake)
-    yield log, ready
+    kern = fake_kqueue.Kernel()
+    monkeypatch.setattr(kqueue_module, "select", kern.module())
+    return kern
 
 
-def test_kqueue_removes_a_filter_with_ev_delete_on_the_same_ident(fake_kqueue: Tuple[List[Tuple[int, int, int]], List[_FakeKevent]]) -> None:
-    log, _ = fake_kqueue
+@pytest.fixture
+def fds() -> Iterator[List[int]]:
+    """Four open fds (two socketpairs) for the stand-in kernel to accept."""
+    pairs = [socket.socketpair() for _ in range(2)]
+    try:
+        yield [s.fileno() for pair in pairs for s in pair]
+    finally:
+        for pair in pairs:
+            for s in pair:
+                s.close()
+
+
+def _knotes(kernel: fake_kqueue.Kernel) -> set[tuple[int, int]]:
+    return set(kernel.queues[-1].knotes)
+
+
+def test_kqueue_removes_a_filter_with_ev_delete_on_the_same_ident(kernel: fake_kqueue.Kernel, fds: List[int]) -> None:
+    fd = fds[0]
     mux = KqueueMultiplexer()
-    mux.register(7, EVENT_READ | EVENT_WRITE)
-    assert log == [(7, -1, 0x1), (7, -2, 0x1)]
-    log.clear()
-    mux.modify(7, EVENT_READ)  # write interest off: one EV_DELETE, read untouched
-    assert log == [(7, -2, 0x2)]
-    log.clear()
-    mux.modify(7, EVENT_READ)  # no change, no system call
-    assert log == []
-    mux.unregister(7)
-    assert log == [(7, -1, 0x2)]
+    mux.register(fd, EVENT_READ | EVENT_WRITE)
+    assert kernel.changes == [(fd, READ, ADD), (fd, WRITE, ADD)]
+    assert kernel.calls == [(2, 2)]  # one call, room for a receipt per change
+    kernel.changes.clear()
+    mux.modify(fd, EVENT_READ)  # write interest off: one EV_DELETE, read untouched
+    assert kernel.changes == [(fd, WRITE, DELETE)]
+    kernel.changes.clear()
+    mux.modify(fd, EVENT_READ)  # no change, no system call
+    assert kernel.changes == []
+    mux.unregister(fd)
+    assert kernel.changes == [(fd, READ, DELETE)]
+    assert _knotes(kernel) == set()
 
 
-def test_kqueue_edge_adds_with_ev_clear(fake_kqueue: Tuple[List[Tuple[int, int, int]], List[_FakeKevent]]) -> None:
-    log, _ = fake_kqueue
-    KqueueEdgeMultiplexer().register(3, EVENT_READ)
-    assert log == [(3, -1, 0x1 | 0x20)]
+def test_kqueue_edge_adds_with_ev_clear(kernel: fake_kqueue.Kernel, fds: List[int]) -> None:
+    KqueueEdgeMultiplexer().register(fds[0], EVENT_READ)
+    assert kernel.changes == [(fds[0], READ, ADD | CLEAR)]
 
 
-def test_kqueue_merges_filters_and_maps_eof_errors(fake_kqueue: Tuple[List[Tuple[int, int, int]], List[_FakeKevent]]) -> None:
-    _, ready = fake_kqueue
+def test_kqueue_merges_filters_and_maps_eof_errors(kernel: fake_kqueue.Kernel, fds: List[int]) -> None:
+    a, b = fds[0], fds[2]
     mux = KqueueMultiplexer()
-    mux.register(5, EVENT_READ | EVENT_WRITE)
-    mux.register(6, EVENT_READ)
-    ready += [
-        _FakeKevent(5, -1),
-        _FakeKevent(5, -2),
-        _FakeKevent(6, -1, flags=0x8000, fflags=104),  # EV_EOF with ECONNRESET
-    ]
-    assert dict(mux.poll(0)) == {5: EVENT_READ | EVENT_WRITE, 6: EVENT_READ | EVENT_ERROR}
-    ready.append(_FakeKevent(6, -1, flags=0x8000))  # a plain EOF (half-close) is only readable
-    assert dict(mux.poll(0)) == {6: EVENT_READ}
+    mux.register(a, EVENT_READ | EVENT_WRITE)
+    mux.register(b, EVENT_READ)
+    kernel.fire(a, READ)
+    kernel.fire(a, WRITE)
+    kernel.fire(b, READ, eof=True, fflags=fake_kqueue.ECONNRESET)  # FreeBSD's 54
+    assert dict(mux.poll(0)) == {a: EVENT_READ | EVENT_WRITE, b: EVENT_READ | EVENT_ERROR}
+    kernel.settle(a, READ)
+    kernel.settle(a, WRITE)
+    kernel.fire(b, READ, eof=True)  # a plain EOF (half-close) is only readable
+    assert dict(mux.poll(0)) == {b: EVENT_READ}
 
 
-def test_kqueue_rolls_back_a_half_applied_change(fake_kqueue: Tuple[List[Tuple[int, int, int]], List[_FakeKevent]], monkeypatch: pytest.MonkeyPatch) -> None:
-    log, _ = fake_kqueue
+def test_kqueue_rolls_back_a_half_applied_change(kernel: fake_kqueue.Kernel, fds: List[int]) -> None:
+    fd = fds[0]
     mux = KqueueMultiplexer()
-    real = _FakeKqueue.control
-
-    def control(self: _FakeKqueue, changes: object, max_events: int, timeout: object = None) -> List[_FakeKevent]:
-        result = real(self, changes, max_events, timeout)
-        if any(kev.filter == -2 and kev.flags & 0x1 for kev in changes or ()):  # type: ignore[attr-defined]
-            raise OSError(12, "Cannot allocate memory")  # the EVFILT_WRITE add fails
-        return result
-
-    monkeypatch.setattr(_FakeKqueue, "control", control)
-    with pytest.raises(OSError):
-        mux.register(9, EVENT_READ | EVENT_WRITE)
-    # The read filter that went in before the failure is deleted again.
-    assert log[:2] == [(9, -1, 0x1), (9, -2, 0x1)]
-    assert (9, -1, 0x2) in log[2:]
+    kernel.refuse(fd, WRITE, ADD, fake_kqueue.ENOMEM)  # the EVFILT_WRITE add fails
+    with pytest.raises(OSError) as info:
+        mux.register(fd, EVENT_READ | EVENT_WRITE)
+    assert info.value.errno == fake_kqueue.ENOMEM
+    # The read filter that went in beside the failure is deleted again.
+    assert kernel.changes == [(fd, READ, ADD), (fd, WRITE, ADD), (fd, READ, DELETE)]
+    assert _knotes(kernel) == set()
     with pytest.raises(KeyError):
-        mux.unregister(9)  # and the fd is not registered
+        mux.unregister(fd)  # and the fd is not registered
+    # A failed modify keeps the old interest, in the kernel and in the bookkeeping.
+    mux.register(fd, EVENT_READ)
+    kernel.refuse(fd, WRITE, ADD, fake_kqueue.ENOMEM)
+    with pytest.raises(OSError):
+        mux.modify(fd, EVENT_WRITE)
+    assert _knotes(kernel) == {(fd, READ)}
+    mux.modify(fd, EVENT_READ)  # still READ: no change, so no call
+    mux.unregister(fd)
+    assert _knotes(kernel) == set()
+
+
+@pytest.mark.parametrize("edge", [False, True], ids=["level", "edge"])
+def test_kqueue_unregister_failure_leaves_no_unknown_knote(kernel: fake_kqueue.Kernel, fds: List[int], edge: bool) -> None:
+    # Defect 6 of issue 12: a delete refused with an errno other than EBADF/ENOENT.
+    fd = fds[0]
+    mux = (KqueueEdgeMultiplexer if edge else KqueueMultiplexer)()
+    mux.register(fd, EVENT_READ | EVENT_WRITE)
+    kernel.refuse(fd, READ, DELETE, fake_kqueue.EINVAL)
+    with pytest.raises(OSError) as info:
+        mux.unregister(fd)
+    assert info.value.errno == fake_kqueue.EINVAL
+    # The write filter is gone; the read knote the kernel kept is still the
+    # backend's, so its events belong to a registered fd.
+    assert _knotes(kernel) == {(fd, READ)}
+    kernel.fire(fd, READ)
+    kernel.fire(fd, WRITE)
+    assert mux.poll(0) == [(fd, EVENT_READ)]
+    with pytest.raises(KeyError):
+        mux.register(fd, EVENT_READ)  # still registered
+    mux.unregister(fd)  # the second try deletes what is left
+    assert _knotes(kernel) == set()
+    assert mux.poll(0) == []
+
+
+def test_kqueue_unregister_tolerates_ebadf_and_enoent(kernel: fake_kqueue.Kernel) -> None:
+    a, b = socket.socketpair()
+    mux = KqueueMultiplexer()
+    try:
+        mux.register(a.fileno(), EVENT_READ | EVENT_WRITE)
+        mux.register(b.fileno(), EVENT_READ)
+        # macOS answers ENOENT where FreeBSD answers EBADF (closed fd, below).
+        kernel.refuse(b.fileno(), READ, DELETE, fake_kqueue.ENOENT)
+        mux.unregister(b.fileno())
+        fd = a.fileno()
+    finally:
+        a.close()
+        b.close()
+    mux.unregister(fd)  # closed: FreeBSD's EBADF for both deletes
+    assert kernel.changes[-2:] == [(fd, READ, DELETE), (fd, WRITE, DELETE)]
+    with pytest.raises(KeyError):
+        mux.unregister(fd)
+
+
+def test_kqueue_register_with_no_events_asks_the_kernel(kernel: fake_kqueue.Kernel, fds: List[int]) -> None:
+    # Defect 7 of issue 12: the contract says "OSError: the kernel refused".
+    a, b = socket.socketpair()
+    closed = a.fileno()
+    a.close()
+    b.close()
+    mux = KqueueMultiplexer()
+    with pytest.raises(OSError) as info:
+        mux.register(closed, 0)
+    assert info.value.errno == fake_kqueue.EBADF
+    with pytest.raises(KeyError):
+        mux.unregister(closed)
+    # An open fd is accepted, with no knote left behind and no event taken.
+    kernel.fire(fds[1], READ)
+    mux.register(fds[1], EVENT_READ)
+    mux.register(fds[0], 0)
+    assert _knotes(kernel) == {(fds[1], READ)}
+    assert mux.poll(0) == [(fds[1], EVENT_READ)]
+    mux.modify(fds[0], EVENT_READ)
+    assert _knotes(kernel) == {(fds[0], READ), (fds[1], READ)}
+
+
+def test_kqueue_changes_never_consume_pending_events(kernel: fake_kqueue.Kernel, fds: List[int]) -> None:
+    mux = KqueueEdgeMultiplexer()
+    mux.register(fds[0], EVENT_READ)
+    kernel.fire(fds[0], READ)
+    mux.register(fds[1], EVENT_WRITE)  # a change-only call while an event waits
+    mux.modify(fds[1], EVENT_READ)
+    assert mux.poll(0) == [(fds[0], EVENT_READ)]
+    assert mux.poll(0) == []  # EV_CLEAR: once
+    mux.modify(fds[0], 0)
+    mux.modify(fds[0], EVENT_READ)  # re-adding re-evaluates: reported again
+    assert mux.poll(0) == [(fds[0], EVENT_READ)]
