@@ -224,3 +224,44 @@ NO_POLL = "no select.poll in this Python"
 #: The select module seen as Any: typeshed hides the kqueue names on Linux and
 #: the epoll names on the BSDs, and the probes use whichever the kernel has.
 SEL: Any = select
+
+
+# A probe's child run under a tracer reports its own exit status in a file:
+# the tracer's status is not the child's (FreeBSD's truss exits 0 whatever
+# the child did; Linux's strace passes the child's on, but exits 1 for its
+# own failures too), so a child that failed is never read as a count of 0.
+CHILD_RUNNER = """
+import sys, traceback
+path, code = sys.argv[1], sys.argv[2]
+del sys.argv[1:3]
+status = 0
+try:
+    exec(compile(code, "<probe child>", "exec"), {"__name__": "__main__"})
+except SystemExit as exc:
+    status = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
+except BaseException:
+    traceback.print_exc()
+    status = 1
+with open(path, "w") as f:
+    f.write(str(status))
+sys.exit(status)
+"""
+
+
+def child_argv(status_path: str, code: str, *args: str) -> list[str]:
+    """argv running ``code`` in a fresh interpreter that writes its exit status to ``status_path``."""
+    return [sys.executable, "-c", CHILD_RUNNER, status_path, code, *args]
+
+
+def child_failure(status_path: str, stderr: str) -> Optional[str]:
+    """None if the child of ``child_argv`` exited 0, else why it failed (its last stderr line)."""
+    try:
+        with open(status_path, encoding="utf-8") as f:
+            status = f.read().strip()
+    except OSError:
+        status = ""
+    if status == "0":
+        return None
+    last = (stderr.strip().splitlines() or ["no message"])[-1]
+    what = f"exited {status}" if status else "left no exit status (killed?)"
+    return f"the probe's child {what}: {last}"

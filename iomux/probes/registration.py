@@ -4,13 +4,17 @@ one kevent() (write-up: "当有100个文件描述符来注册事件时, 需要�
 
 Facts this probe relies on:
 - select.epoll.register() is one epoll_ctl(EPOLL_CTL_ADD) system call.
-- SEL.kqueue.control(changelist, 0, 0) hands the whole changelist to one
-  kevent() call (CPython copies it into one C array).
+- select.kqueue.control(changelist, 0, 0) hands the whole changelist to one
+  kevent() call (CPython copies it into one C array). CPython calls kevent()
+  even for an empty changelist, so the zero-fd baseline child makes no
+  control() call at all: the difference is the batch's one call.
 - System calls are counted from outside the process, by strace(1) on Linux and
   truss(1) on FreeBSD, in a child that registers N fds, minus a child that
   registers none (interpreter start-up noise). Where no tracer works (no
   binary, ptrace forbidden, macOS's dtruss needing root) the count is left out
-  with the reason, never guessed.
+  with the reason, never guessed. The child's own exit status is judged, not
+  the tracer's (truss exits 0 whatever the child did): a child that failed
+  makes the count "not measurable" with its last error line, never 0.
 """
 
 from __future__ import annotations
@@ -31,6 +35,8 @@ from iomux.probes._common import (
     SEL,
     IdleSockets,
     ProbeContext,
+    child_argv,
+    child_failure,
     has_epoll,
     has_kqueue,
     raise_nofile,
@@ -40,7 +46,8 @@ from iomux.probes._common import (
 FULL_FDS = 1000
 REPEATS = 5
 
-# The child the tracer watches: make N idle fds, register them, exit.
+# The child the tracer watches: make N idle fds, register them, exit. With
+# N = 0 (the baseline) it makes the mechanism's object but no call on it.
 CHILD = """
 import select, socket, sys
 n, mech = int(sys.argv[1]), sys.argv[2]
@@ -51,8 +58,9 @@ if mech == "epoll":
     for fd in fds:
         ep.register(fd, select.EPOLLIN)
 else:
-    kq = SEL.kqueue()
-    kq.control([SEL.kevent(fd, SEL.KQ_FILTER_READ, SEL.KQ_EV_ADD) for fd in fds], 0, 0)
+    kq = select.kqueue()
+    if fds:
+        kq.control([select.kevent(fd, select.KQ_FILTER_READ, select.KQ_EV_ADD) for fd in fds], 0, 0)
 """
 
 
@@ -117,7 +125,8 @@ def _count(mech: str, syscall: str, n: int, timeout: float) -> Dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="iomux-probe-") as tmp:
         for size in (0, n):
             out = os.path.join(tmp, f"trace-{size}.txt")
-            argv = [*prefix, out, sys.executable, "-c", CHILD, str(size), mech]
+            status = os.path.join(tmp, f"status-{size}.txt")
+            argv = [*prefix, out, *child_argv(status, CHILD, str(size), mech)]
             try:
                 proc = subprocess.run(argv, capture_output=True, text=True,
                                       timeout=max(1.0, timeout), check=False)
@@ -128,8 +137,15 @@ def _count(mech: str, syscall: str, n: int, timeout: float) -> Dict[str, Any]:
                     text = f.read()
             except OSError:
                 text = ""
+            last = (proc.stderr.strip().splitlines() or ["no message"])[-1]
+            if proc.returncode != 0 and not os.path.exists(status):
+                # The child never ran to its end: ptrace refused, say.
+                return {"syscalls": None, "tool": tool,
+                        "why": f"{tool} exited {proc.returncode}: {last}"}
+            why = child_failure(status, proc.stderr)
+            if why is not None:
+                return {"syscalls": None, "tool": tool, "why": why}
             if proc.returncode != 0:
-                last = (proc.stderr.strip().splitlines() or ["no message"])[-1]
                 return {"syscalls": None, "tool": tool,
                         "why": f"{tool} exited {proc.returncode}: {last}"}
             counts.append(_parse_counts(text, syscall) or 0)
