@@ -7,9 +7,11 @@ Facts this probe relies on:
   programs should not rely on inheritance or noninheritance").
 - accept4(2) sets the flags from its argument and inherits none, on Linux and
   FreeBSD alike. CPython's socket.accept() calls accept4(SOCK_CLOEXEC) where
-  the platform has it (Linux, FreeBSD 10+; not macOS), so Python's own
-  accept hides the BSD inheritance. The probe therefore also calls libc's
-  accept() through ctypes, and records both.
+  the platform has it (Linux, FreeBSD 10+), so there Python's own accept
+  hides the BSD inheritance. macOS has no accept4: CPython calls plain
+  accept() and the inheritance shows through (python_accept.o_nonblock is
+  True there for a non-blocking listener). The probe therefore also calls
+  libc's accept() through ctypes, and records both.
 - TCP_NODELAY lives in the TCP control block, which Linux and the BSDs copy
   from the listener when the connection is created.
 """
@@ -21,6 +23,7 @@ import fcntl
 import os
 import select
 import socket
+import sys
 from typing import Any, Callable, Dict
 
 from iomux.probes._common import ProbeContext, Result, errno_name
@@ -54,6 +57,14 @@ def _libc_accept() -> Callable[[int], int]:
     return accept
 
 
+def _python_accept_syscall() -> str:
+    # CPython is built with accept4 where libc has it: glibc/musl and FreeBSD
+    # 10+ do, macOS's libSystem does not (so it calls accept() there).
+    if sys.platform == "darwin":
+        return "accept() (macOS has no accept4: flags inherited as BSD does)"
+    return "accept4(SOCK_CLOEXEC) (no flags inherited)"
+
+
 def _one(how: str, listener_nonblock: bool, listener_nodelay: bool) -> Result:
     lst = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     client = None
@@ -82,7 +93,7 @@ def probe(ctx: ProbeContext) -> Dict[str, Any]:
     """Flags of accepted sockets for a non-blocking, TCP_NODELAY listener (and a plain one)."""
     out: Dict[str, Any] = {
         "listener": {"o_nonblock": True, "tcp_nodelay": True},
-        "python_accept_syscall": "accept4(SOCK_CLOEXEC) where available, else accept()",
+        "python_accept_syscall": _python_accept_syscall(),
     }
     for how in ("libc", "python"):
         try:
