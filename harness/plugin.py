@@ -540,6 +540,12 @@ def pytest_configure(config: pytest.Config) -> None:
         harness.start_view()
         harness.sweep()
     if threading_is_main():
+        # A user's Ctrl-C must tear the targets down whatever this process
+        # inherited: a shell starts background jobs (and some CI runners start
+        # their steps) with SIGINT ignored, and an ignored disposition survives
+        # exec, so Python would never raise KeyboardInterrupt. Set it ourselves.
+        harness.old_handlers[signal.SIGINT] = signal.signal(signal.SIGINT,
+                                                            signal.default_int_handler)
         for signum in (signal.SIGTERM, signal.SIGHUP):
             harness.old_handlers[signum] = signal.signal(signum, _raise_interrupt)
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import json
 import os
 import shutil
@@ -84,7 +85,8 @@ pytestmark = pytest.mark.xdist_group("interrupted-runs")
 class Run:
     """A harness run in its own process group, with a private reports directory."""
 
-    def __init__(self, tmp_path: Path, name: str, *args: str) -> None:
+    def __init__(self, tmp_path: Path, name: str, *args: str,
+                 sigint: signal.Handlers = signal.SIG_DFL) -> None:
         self.reports = tmp_path / f"reports-{name}"
         self.log_path = tmp_path / f"{name}.log"
         env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
@@ -93,7 +95,11 @@ class Run:
             [sys.executable, "-m", "pytest", "-p", "harness.plugin", "-p", "no:cacheprovider",
              "tests/cross_os", "--reports-dir", str(self.reports), "--targets", TARGETS, *args],
             cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT, env=env,
-            start_new_session=True)  # its own process group: what a terminal would signal
+            start_new_session=True,  # its own process group: what a terminal would signal
+            # The SIGINT disposition the run inherits is set here, not taken from
+            # whatever started this test: SIG_DFL is a terminal's foreground job,
+            # SIG_IGN a shell's background job or a CI runner that ignores it.
+            preexec_fn=functools.partial(signal.signal, signal.SIGINT, sigint))
         self.run_id: str | None = None
 
     def find_run_id(self, timeout: float = 60.0) -> str:
@@ -335,12 +341,17 @@ def test_kill_9_leaves_leftovers_that_the_next_run_sweeps(tmp_path: Path,
 # Ctrl-C while the container is being created (inside the driver's start step,
 # which runs in a watchdog thread the signal does not reach), while it becomes
 # healthy, and while its tests run.
-@pytest.mark.parametrize("moment", ["created", "running", "testing"])
+# The run inherits SIGINT as a foreground job would (default), and once as a
+# background job or a CI step would (ignored): the harness must take Ctrl-C either way.
+@pytest.mark.parametrize(("moment", "inherited"), [
+    ("created", signal.SIG_DFL), ("running", signal.SIG_DFL), ("testing", signal.SIG_DFL),
+    ("running", signal.SIG_IGN)], ids=["created", "running", "testing", "running-sigint-ignored"])
 @pytest.mark.slow
 @needs_real_run
 def test_ctrl_c_tears_everything_down_and_fails_the_run(tmp_path: Path, cleanup: list[str],
-                                                        moment: str) -> None:
-    run = Run(tmp_path, "interrupted", "-n", "2", "--dist", "loadgroup")
+                                                        moment: str,
+                                                        inherited: signal.Handlers) -> None:
+    run = Run(tmp_path, "interrupted", "-n", "2", "--dist", "loadgroup", sigint=inherited)
     try:
         run_id = _wait_until_up(run, moment)
         cleanup.append(run_id)
@@ -414,6 +425,16 @@ class _SlowStart(Driver):
 def test_ctrl_c_during_start_still_destroys_what_start_made(tmp_path: Path) -> None:
     """The docker case above in miniature: Ctrl-C while the start step runs in
     its watchdog thread. The instance it makes must still be destroyed."""
+    # This test takes Ctrl-C as Python's default handler does; under a parent
+    # that ignores SIGINT this process inherited SIG_IGN, so set it for the test.
+    old_handler = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        _bring_up_interrupted(tmp_path)
+    finally:
+        signal.signal(signal.SIGINT, old_handler)
+
+
+def _bring_up_interrupted(tmp_path: Path) -> None:
     driver = _SlowStart()
     target = Target(name="fake-1", kind="fake", os_family="linux", backends=("select",))
     lifecycle = TargetLifecycle(driver, target, "run-1", "gw9", tmp_path, None)
