@@ -7,12 +7,24 @@ STAMP := $(VENV)/.installed
 TARGETS ?=
 PYTEST_ARGS ?=
 
-.PHONY: help venv lint typecheck actionlint check unit test test-all-os bench compose-up compose-down clean
+.PHONY: help venv lint typecheck actionlint check unit test test-all-os setup setup-check \
+	targets bench compose-up compose-down clean
 
 help:
-	@echo "make test         lint, type check, unit + behaviour tests, then every target (make test-all-os)"
-	@echo "make test-all-os  run the suites on every target of targets.toml (TARGETS=a,b for a subset)"
-	@echo "make bench        benchmarks: JSON under bench/out/, a table on stdout (BENCH_ARGS=--quick: 1 round)"
+	@echo "iomux: every entry point (each sets up what it needs; IOMUX_SETUP=0 changes nothing)"
+	@echo ""
+	@echo "  make test-all-os   the main job: the suites on every target of targets.toml, a report"
+	@echo "                     in reports/latest/ (TARGETS=a,b: a subset; PYTEST_ARGS=...: extra)"
+	@echo "  make test          lint, type check, unit + behaviour + harness tests, then test-all-os"
+	@echo "  make targets       the targets, their kinds, and whether each can run here (and why not)"
+	@echo "  make setup         install and start the engines the targets need, and leave them up"
+	@echo "  make setup-check   say what is missing and the command that would fix it; change nothing"
+	@echo "  make check         lint + typecheck + actionlint;  make unit: the host-only tests"
+	@echo "  make bench         benchmarks: JSON under bench/out/, a table (BENCH_ARGS=--quick: 1 round)"
+	@echo "  make compose-up    one hardened echo service per Linux target, by hand (compose-down)"
+	@echo "  make venv          just the virtual environment (.venv);  make clean: remove it and reports/"
+	@echo ""
+	@echo "  bash .ci/run       what CI runs: make test, timed, with CI=1"
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -40,16 +52,37 @@ check: lint typecheck actionlint
 
 # The host-only tests: the server on every backend this kernel has, its fault suite, the pieces, the harness.
 unit: $(STAMP)
+	@scripts/setup-engines.sh start browser
 	$(PY) -m pytest -n 2 tests/unit tests/server tests/faults tests/harness $(PYTEST_ARGS)
 
 test: check unit test-all-os
 
 # One xdist worker per selected target; --dist loadgroup keeps a target's tests on
 # one worker. The report (results.json, junit.xml, ...) goes to reports/<run-id>/.
+#
+# Before the run, scripts/setup-engines.sh makes sure of the engines the selected
+# targets need (installs and starts what is missing, where it may); afterwards it
+# stops what it started itself, recorded in a state file of this run: on success,
+# on failure and on Ctrl-C alike (the EXIT trap; INT and TERM exit through it).
 test-all-os: $(STAMP)
-	$(PY) -m pytest -p harness.plugin tests/cross_os $(if $(TARGETS),--targets $(TARGETS)) \
+	@state=$$(mktemp "$${TMPDIR:-/tmp}/iomux-setup.XXXXXX"); \
+	trap 'scripts/setup-engines.sh stop --state "$$state"' EXIT; trap 'exit 130' INT; \
+	trap 'exit 143' TERM; \
+	TARGETS="$(TARGETS)" PY="$(PY)" scripts/setup-engines.sh start --state "$$state" \
+		|| echo "[setup] set-up failed; the targets that need it are reported not run"; \
+	set -x; $(PY) -m pytest -p harness.plugin tests/cross_os $(if $(TARGETS),--targets $(TARGETS)) \
 		-n $$($(PY) -m harness.targets --count $(if $(TARGETS),--targets $(TARGETS)) 2>/dev/null || echo 1) \
 		--dist loadgroup $(PYTEST_ARGS)
+
+# Install and start the engines, and leave them up (make test-all-os stops what it starts).
+setup: $(STAMP)
+	TARGETS="$(TARGETS)" PY="$(PY)" scripts/setup-engines.sh start --state /var/tmp/iomux-setup/make-setup
+
+setup-check: $(STAMP)
+	@TARGETS="$(TARGETS)" PY="$(PY)" scripts/setup-engines.sh --check
+
+targets: $(STAMP)
+	@$(PY) -m harness.targets --list $(if $(TARGETS),--targets $(TARGETS))
 
 bench: $(STAMP)
 	$(PY) -m bench $(BENCH_ARGS)

@@ -20,7 +20,13 @@ assembled here (wheels downloaded on the host for the target's Python, plus
 ``tests/server``), tagged ``iomux/<target>:<content hash>`` and
 ``iomux/<target>:latest`` (what compose.yaml runs). The hash covers the
 Dockerfile, the base image id, the iomux sources, the in-guest suite and the
-pinned pytest, so a warm build finds its tag and builds nothing.
+guest's test wheels, so a warm build finds its tag and builds nothing.
+
+The guest's pytest and hypothesis are resolved for the target's own Python: the
+host's versions where they install there (both ends then run the same), else
+the newest release that does (pytest 9 needs Python 3.10, so a Debian 11 target
+on 3.9 gets pytest 8). The package supports 3.9, so every Python it supports
+can be a target.
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
+from harness import reasons
 from harness.drivers.base import LABEL_PROJECT, PROJECT, StepTimeout, Target, TargetError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -64,7 +71,9 @@ DEBOOTSTRAP_INCLUDE = ("python3", "procps", "iproute2", "strace")
 #: which imports the behaviour suite's server helper from ../server.
 IN_GUEST_SUITES = ("server", "faults")
 #: Debian suite -> the Python it ships, for the host-side wheel download.
-DEBIAN_SUITES: Mapping[str, str] = {"bookworm": "3.11", "trixie": "3.13"}
+DEBIAN_SUITES: Mapping[str, str] = {"bullseye": "3.9", "bookworm": "3.11", "trixie": "3.13"}
+#: The in-guest suites' test tools, resolved per target Python (dependency_wheels).
+GUEST_TOOLS = ("pytest", "hypothesis")
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
 PULL_TIMEOUT = 60.0
 PULL_FAILURE_TTL = 3600.0
@@ -97,12 +106,15 @@ class BuildResult:
     cached: bool
     seconds: float
     base: BaseImage
+    #: the guest's test tools and their versions ({"pytest": "8.4.2", ...})
+    tools: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
     def facts(self) -> dict[str, Any]:
         """The report's build facts: at least ``cached`` and ``seconds``."""
         return {"cached": self.cached, "seconds": round(self.seconds, 3), "image": self.tag,
                 "image_id": self.image_id, "base": self.base.ref,
-                "base_source": self.base.source, "base_seconds": round(self.base.seconds, 3)}
+                "base_source": self.base.source, "base_seconds": round(self.base.seconds, 3),
+                "guest_tools": dict(self.tools)}
 
 
 def docker_sdk() -> Any:
@@ -205,14 +217,14 @@ def source_paths() -> list[Path]:
 
 
 def host_pytest_version() -> str:
-    """The pytest the targets get: the host's own, so that both ends run the same."""
+    """The host's pytest: what a target gets where it installs there (guest_tool_specs)."""
     import pytest
 
     return str(pytest.__version__)
 
 
 def host_hypothesis_version() -> str:
-    """The hypothesis the targets get (the fault suite's random clients): the host's own."""
+    """The host's hypothesis (the fault suite's random clients); see guest_tool_specs."""
     import hypothesis
 
     return str(hypothesis.__version__)
@@ -305,11 +317,10 @@ class ImageBuilder:
                 return None
             error = pulled
         if mode == "registry" or recipe is None:
-            what = target.image or "the target names no image"
-            return f"no image: {what} could not be pulled ({error}) and there is no offline recipe"
+            return reasons.no_image(target.image, error, None)
         missing = debootstrap_missing()
         if missing:
-            return f"no image: {target.image} could not be pulled ({error}) and {missing}"
+            return reasons.no_image(target.image, error, missing)
         return None
 
     def ensure_base(self, target: Target, deadline: float) -> BaseImage:
@@ -335,8 +346,7 @@ class ImageBuilder:
                 return BaseImage(target.image, image.id, "registry", time.monotonic() - started)
             error = pulled
         if mode == "registry" or recipe is None:
-            raise ImageUnavailable(f"no image: {target.image} could not be pulled ({error}) "
-                                   "and there is no offline recipe")
+            raise ImageUnavailable(reasons.no_image(target.image, error, None))
         self.log(f"{target.name}: the engine cannot pull ({error}); "
                  f"building the base from the Debian archive")
         tag = recipe_tag(recipe)
@@ -351,7 +361,8 @@ class ImageBuilder:
         """Build a Debian root filesystem with debootstrap and import it as ``tag``."""
         missing = debootstrap_missing()
         if missing:
-            raise ImageUnavailable(f"no image: the engine cannot pull and {missing}")
+            raise ImageUnavailable(reasons.Reason(
+                f"no image: debian {recipe['suite']} not built, {missing}"))
         mirror = str(recipe.get("mirror") or debian_mirror())
         work = Path(tempfile.mkdtemp(prefix="iomux-debootstrap-"))
         rootfs, tarball = work / "rootfs", work / "rootfs.tar"
@@ -377,13 +388,14 @@ class ImageBuilder:
 
     # -- target images -----------------------------------------------------
 
-    def content_hash(self, target: Target, base: BaseImage, python: str) -> str:
-        """The hash a target image is tagged with: everything that goes into it."""
+    def content_hash(self, target: Target, base: BaseImage, python: str,
+                     wheels: list[Path]) -> str:
+        """The hash a target image is tagged with: everything that goes into it
+        (the guest's wheels by file name: a name carries its version)."""
         digest = hashlib.sha256()
         digest.update(json.dumps({"recipe": RECIPE_VERSION, "target": target.name,
                                   "base": base.image_id, "python": python,
-                                  "pytest": host_pytest_version(),
-                                  "hypothesis": host_hypothesis_version()},
+                                  "wheels": sorted(w.name for w in wheels)},
                                  sort_keys=True).encode())
         _hash_paths(digest, REPO_ROOT, [DOCKERFILE, *source_paths(),
                                         *(f for suite in IN_GUEST_SUITES
@@ -397,15 +409,17 @@ class ImageBuilder:
         base = self.ensure_base(target, deadline)
         python = target_python(target)
         repo = f"{TARGET_REPO_PREFIX}/{target.name}"
-        content = self.content_hash(target, base, python)
+        wheels = dependency_wheels(python, deadline)
+        content = self.content_hash(target, base, python, wheels)
         tag = f"{repo}:{content}"
         with file_lock(f"target-{target.name}"):
             found = self._local_image(tag)
             if found is not None:
                 found.tag(repo, "latest")
-                return BuildResult(tag, found.id, True, time.monotonic() - started, base)
+                return BuildResult(tag, found.id, True, time.monotonic() - started, base,
+                                   guest_tool_versions(wheels))
             with tempfile.TemporaryDirectory(prefix="iomux-context-") as ctx:
-                self._assemble_context(Path(ctx), python, deadline)
+                self._assemble_context(Path(ctx), wheels, deadline)
                 try:
                     image_id = self._docker_build(Path(ctx), target, base, tag, content,
                                                   deadline)
@@ -419,13 +433,14 @@ class ImageBuilder:
             image = self.client.images.get(image_id)
             image.tag(repo, "latest")
             self._remove_superseded(target, image.id)
-            return BuildResult(tag, image.id, False, time.monotonic() - started, base)
+            return BuildResult(tag, image.id, False, time.monotonic() - started, base,
+                               guest_tool_versions(wheels))
 
-    def _assemble_context(self, ctx: Path, python: str, deadline: float) -> None:
+    def _assemble_context(self, ctx: Path, dependencies: list[Path], deadline: float) -> None:
         wheels, pip = ctx / "wheels", ctx / "pip"
         wheels.mkdir()
         pip.mkdir()
-        for wheel in [*self.iomux_wheel(deadline), *dependency_wheels(python, deadline)]:
+        for wheel in [*self.iomux_wheel(deadline), *dependencies]:
             if wheel.name.startswith("pip-"):
                 # pip runs from its wheel in the build (python pip.whl/pip): a fixed
                 # name, since a shell glob cannot reach inside a file
@@ -532,24 +547,57 @@ def target_python(target: Target) -> str:
     raise TargetError(f"build: {target.name}: targets.toml gives no python version")
 
 
+def _pip_download(python: str, specs: list[str], dest: Path, deadline: float,
+                  step: str, no_deps: bool = False) -> None:
+    # pytest, hypothesis and their dependencies are pure Python: py3-none-any wheels,
+    # so the host's platform tags do for any Linux target. --python-version makes
+    # pip honour each release's Requires-Python for the target's interpreter.
+    _run([sys.executable, "-m", "pip", "download", "--quiet", "--disable-pip-version-check",
+          "--only-binary=:all:", "--python-version", python, "-d", str(dest),
+          *(["--no-deps"] if no_deps else []), *specs],
+         _remaining(deadline, step), step)
+
+
+def guest_tool_specs(python: str, deadline: float, scratch: Path) -> list[str]:
+    """``pytest==<host's>`` where the host's release installs on Python ``python``,
+    else plain ``pytest`` (the newest release that does); the same for hypothesis."""
+    pins = {"pytest": host_pytest_version(), "hypothesis": host_hypothesis_version()}
+    specs = []
+    for tool in GUEST_TOOLS:
+        try:
+            _pip_download(python, [f"{tool}=={pins[tool]}"], scratch / tool, deadline,
+                          f"{tool} for Python {python}", no_deps=True)
+        except TargetError as exc:
+            if "No matching distribution" not in str(exc) \
+                    and "Requires-Python" not in str(exc):
+                raise  # PyPI unreachable, say: not a question of versions
+            specs.append(tool)
+        else:
+            specs.append(f"{tool}=={pins[tool]}")
+    return specs
+
+
 def dependency_wheels(python: str, deadline: float) -> list[Path]:
-    """pytest and hypothesis (pinned to the host's versions) with their dependencies,
-    and pip itself, as wheels for Python ``python``; downloaded once from PyPI on the host."""
+    """pytest and hypothesis (see ``guest_tool_specs``) with their dependencies, and
+    pip itself, as wheels for Python ``python``; downloaded once from PyPI on the host."""
     out = cache_dir() / "wheels" / (f"py{python}-pytest{host_pytest_version()}"
                                      f"-hypothesis{host_hypothesis_version()}")
     with file_lock(f"wheels-py{python}"):
         if not (out / ".complete").exists():
             staging = Path(tempfile.mkdtemp(prefix="iomux-wheels-", dir=cache_dir()))
             try:
-                # pytest, hypothesis and their dependencies are pure Python: py3-none-any wheels,
-                # so the host's platform tags do for any Linux target.
-                _run([sys.executable, "-m", "pip", "download", "--quiet",
-                      "--disable-pip-version-check", "--only-binary=:all:",
-                      "--python-version", python, "-d", str(staging),
-                      f"pytest=={host_pytest_version()}",
-                      f"hypothesis=={host_hypothesis_version()}", "pip"],
-                     _remaining(deadline, "wheel download"), "wheel download")
-                (staging / ".complete").write_text("")
+                specs = guest_tool_specs(python, deadline, staging / "probe")
+                shutil.rmtree(staging / "probe", ignore_errors=True)
+                _pip_download(python, [*specs, "pip"], staging, deadline, "wheel download")
+                # pip download --python-version honours Requires-Python but evaluates
+                # environment markers for the host's interpreter, so the target's own
+                # (exceptiongroup and tomli below 3.11) are fetched here.
+                for _ in range(5):
+                    extra = _marker_requirements(python, sorted(staging.glob("*.whl")))
+                    if not extra:
+                        break
+                    _pip_download(python, extra, staging, deadline, "wheel download")
+                (staging / ".complete").write_text(" ".join(specs) + "\n")
                 shutil.rmtree(out, ignore_errors=True)
                 out.parent.mkdir(parents=True, exist_ok=True)
                 staging.replace(out)
@@ -558,12 +606,49 @@ def dependency_wheels(python: str, deadline: float) -> list[Path]:
     return sorted(out.glob("*.whl"))
 
 
+def _marker_requirements(python: str, wheels: list[Path]) -> list[str]:
+    """Requirements of ``wheels`` that apply on Python ``python`` by their markers and
+    have no wheel among them yet."""
+    import zipfile
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    have = {canonicalize_name(w.name.split("-", 1)[0]) for w in wheels}
+    env = {"python_version": python, "python_full_version": f"{python}.0", "extra": ""}
+    wanted: list[str] = []
+    for wheel in wheels:
+        with zipfile.ZipFile(wheel) as archive:
+            meta = next((n for n in archive.namelist() if n.endswith(".dist-info/METADATA")), None)
+            text = archive.read(meta).decode() if meta else ""
+        for line in text.splitlines():
+            if not line.startswith("Requires-Dist:"):
+                continue
+            req = Requirement(line.split(":", 1)[1].strip())
+            if req.marker is None or not req.marker.evaluate(env):
+                continue
+            if canonicalize_name(req.name) not in have:
+                have.add(canonicalize_name(req.name))
+                wanted.append(f"{req.name}{req.specifier}")
+    return wanted
+
+
+def guest_tool_versions(wheels: list[Path]) -> dict[str, str]:
+    """``{"pytest": "8.4.2", ...}`` from the wheel file names (name-version-...whl)."""
+    found = {}
+    for wheel in wheels:
+        name, _, rest = wheel.name.partition("-")
+        if name in GUEST_TOOLS:
+            found[name] = rest.split("-", 1)[0]
+    return found
+
+
 def debootstrap_missing() -> str | None:
     """Why the offline recipe cannot run on this host, or None."""
     if shutil.which("debootstrap") is None:
-        return "debootstrap is not installed (apt-get install debootstrap)"
+        return reasons.DEBOOTSTRAP_MISSING
     if os.geteuid() != 0:
-        return "debootstrap needs root"
+        return reasons.DEBOOTSTRAP_ROOT
     return None
 
 

@@ -47,8 +47,9 @@ from typing import IO, Any, Generator, Iterator, Sequence
 
 import pytest
 
+from harness import reasons
 from harness import targets as targets_mod
-from harness.drivers import DriverUnavailable, UnknownKind, get_driver
+from harness.drivers import KINDS, DriverUnavailable, UnknownKind, get_driver
 from harness.drivers.base import Driver, ExecResult, Instance, StepTimeout, Target, TargetError
 from harness.lifecycle import TargetLifecycle, call_with_timeout, sweep_leftovers
 from harness.progress import EventLog, ProgressView, iter_events
@@ -80,6 +81,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="the targets file (default: targets.toml at the repository root)")
     group.addoption("--reports-dir", default=None, metavar="DIR",
                     help="where reports/<run-id>/ goes (default: reports/ at the rootdir)")
+
+
+def get_module_name(kind: str) -> str:
+    """The driver module of ``kind`` (for a reason that names it)."""
+    return KINDS.get(kind, f"harness.drivers.{kind}")
 
 
 def _now_iso() -> str:
@@ -235,11 +241,23 @@ class Harness:
                     f"{target.name} image/box check", 120,
                     functools.partial(driver.target_unavailable_reason, target))
             except (UnknownKind, DriverUnavailable) as exc:
-                reason = str(exc)
+                reason = reasons.driver_missing(get_module_name(target.kind), exc)
             except Exception as exc:  # a driver's check that breaks means "cannot run"
-                reason = f"{target.kind} engine check failed: {_one_line(exc)}"
+                reason = reasons.engine_check_failed(target.kind, exc)
             if reason:
-                self.not_run[target.name] = _one_line(reason)
+                self.not_run[target.name] = self.note_not_run(target.name, reason)
+
+    def note_not_run(self, name: str, reason: str) -> str:
+        """The one line a not-run target shows everywhere (harness.reasons.fit); the
+        whole story goes to the target's log, targets/<name>/not-run.log."""
+        line = reasons.fit(reason)
+        detail = getattr(line, "detail", "") or getattr(reason, "detail", "")
+        if detail:
+            log = self.run_dir / "targets" / name / "not-run.log"
+            log.parent.mkdir(parents=True, exist_ok=True)
+            with open(log, "a") as fh:
+                fh.write(f"not run: {line}\n{detail}\n")
+        return str(line)
 
     def register_live(self) -> list[str] | None:
         """Register this run as alive; return the dead runs to sweep (None: every run)."""
@@ -413,9 +431,8 @@ class Harness:
                                  f"{first['name']}: {first.get('message', '')}".rstrip(": "))
                 reason = "; ".join(parts)
             elif not any(t["outcome"] in ("passed", "xpassed") for t in tests):
-                status, reason = "not run", ("interrupted before any test of this target ran"
-                                             if self.interrupted else
-                                             "no test of this target ran")
+                status, reason = "not run", (reasons.INTERRUPTED if self.interrupted
+                                             else reasons.NO_TEST_RAN)
             elif self.interrupted:
                 # Ctrl-C or SIGTERM: its remaining tests never ran, so no pass.
                 status, reason = "failed", (f"interrupted: the run was stopped before it "
@@ -705,7 +722,8 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
         phases = " ".join(f"{k}={v:.1f}s" for k, v in t["timings"].items()
                           if isinstance(v, (int, float)))
         tr.write_line(f"  {t['name']}: {t.get('elapsed') or 0:.1f}s ({phases})")
-    tr.write_line(f"report: {harness.run_dir}")
+    html = harness.run_dir / "report.html"
+    tr.write_line(f"report: {html if html.exists() else harness.run_dir}")
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
@@ -745,8 +763,9 @@ def running_target(target: Target, pytestconfig: pytest.Config) -> Iterator[Runn
         harness.lifecycles.pop(target.name, None)
         if _is_unavailable(exc):
             # The image or box cannot be had here: not run, never failed.
-            harness.events.emit(target.name, "not_run", reason=_one_line(exc))
-            pytest.skip(f"not run: {_one_line(exc)}")
+            why = harness.note_not_run(target.name, exc.args[0] if exc.args else str(exc))
+            harness.events.emit(target.name, "not_run", reason=why)
+            pytest.skip(f"not run: {why}")
         harness.failed_targets.add(target.name)
         pytest.fail(f"{target.name}: {_one_line(exc)}", pytrace=False)
     try:

@@ -156,14 +156,41 @@ def select_targets(targets: Sequence[Target], names: Iterable[str] | None) -> li
     return [by_name[n] for n in wanted]
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m harness.targets [--count] [--targets a,b]``: list (or count) targets.
+def availability(targets: Sequence[Target]) -> dict[str, str | None]:
+    """Target name -> None if it can run here, else the one-line reason why not
+    (what ``make test-all-os`` would print as "not run: ...")."""
+    from harness.drivers import get_driver
+    from harness.reasons import engine_check_failed, fit
 
-    The Makefile uses ``--count`` to start one xdist worker per selected target."""
+    by_kind: dict[str, str | None] = {}
+    found: dict[str, str | None] = {}
+    for target in targets:
+        try:
+            driver = get_driver(target.kind)
+            if target.kind not in by_kind:
+                by_kind[target.kind] = driver.unavailable_reason()
+            reason = by_kind[target.kind] or driver.target_unavailable_reason(target)
+        except Exception as exc:  # a broken check means "cannot run", as in the harness
+            reason = engine_check_failed(target.kind, exc)
+        found[target.name] = fit(reason) if reason else None
+    return found
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m harness.targets [--list|--count|--kinds] [--targets a,b]``.
+
+    ``--list`` (the default) shows each target's kind and OS and whether it can run
+    here, and why not; the Makefile uses ``--count`` to start one xdist worker per
+    selected target and ``--kinds`` to set up only the engines those need."""
     import argparse
     parser = argparse.ArgumentParser(prog="python -m harness.targets")
     parser.add_argument("--targets", default=None, help="comma-separated names")
-    parser.add_argument("--count", action="store_true", help="print how many are selected")
+    what = parser.add_mutually_exclusive_group()
+    what.add_argument("--list", action="store_true",
+                      help="the targets, their kinds, and whether each can run here (default)")
+    what.add_argument("--count", action="store_true", help="print how many are selected")
+    what.add_argument("--kinds", action="store_true",
+                      help="print the kinds of the selected targets, one a line")
     parser.add_argument("--file", default=str(DEFAULT_PATH), help="the targets file")
     args = parser.parse_args(argv)
     try:
@@ -173,9 +200,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if args.count:
         print(len(chosen))
-    else:
-        for t in chosen:
-            print(f"{t.name:<12} {t.kind:<8} {t.os_family:<8} {' '.join(t.backends)}")
+        return 0
+    if args.kinds:
+        print("\n".join(dict.fromkeys(t.kind for t in chosen)))
+        return 0
+    found = availability(chosen)
+    print(f"{'target':<12} {'kind':<8} {'os':<8} here")
+    for t in chosen:
+        reason = found[t.name]
+        print(f"{t.name:<12} {t.kind:<8} {t.os_family:<8} "
+              f"{'can run' if reason is None else 'not run: ' + reason}")
     return 0
 
 

@@ -36,6 +36,7 @@ import time
 from pathlib import Path
 from typing import Any, ClassVar, Sequence
 
+from harness import reasons
 from harness.drivers.base import (
     BACKEND_PORTS,
     ECHO_PORT,
@@ -58,6 +59,7 @@ from harness.images import (
     parse_created,
 )
 from harness.lifecycle import call_with_timeout
+from harness.reasons import Reason
 
 #: "<hostname>:<pid>:<process start ticks>" of the harness process that created
 #: a resource; sweep() removes resources whose owner is provably gone.
@@ -201,12 +203,13 @@ class DockerDriver(Driver):
         """None when the SDK is installed and the engine answers a ping."""
         try:
             docker_sdk()
-        except ImportError:
-            return "no Docker daemon: the docker Python package is not installed"
+        except ImportError as exc:
+            return Reason(reasons.DOCKER_SDK, str(exc))
         try:
             self.client().ping()
         except Exception as exc:  # connection refused, no socket, TLS, bad DOCKER_HOST...
-            return f"no Docker daemon: {one_line(exc)}"
+            # The SDK's words (a 150-character urllib3 error) go to the log only.
+            return Reason(reasons.DOCKER_ENGINE, f"{type(exc).__name__}: {exc}")
         return None
 
     def target_unavailable_reason(self, target: Target) -> str | None:

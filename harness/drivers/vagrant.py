@@ -51,6 +51,7 @@ from harness.drivers.base import (
     TargetError,
     run_argv,
 )
+from harness.reasons import Reason
 
 ROOT = Path(__file__).resolve().parents[2]
 VAGRANT_DIR = ROOT / "vagrant"
@@ -129,35 +130,35 @@ class VagrantDriver(Driver):
     def unavailable_reason(self) -> str | None:
         """None if vagrant and a hypervisor it can drive are here, else why not."""
         if shutil.which("vagrant") is None:
-            return "vagrant executable was not found"
+            return "vagrant not installed (apt-get install vagrant vagrant-libvirt)"
         want = os.environ.get("VAGRANT_DEFAULT_PROVIDER", "")
         libvirt = self._libvirt_missing()
         vbox = None if shutil.which("VBoxManage") else "VBoxManage (VirtualBox) was not found"
         if want == "virtualbox":
-            return f"no hypervisor: {vbox}" if vbox else None
+            return "no hypervisor: VirtualBox not installed (install it)" if vbox else None
         if want in ("", "libvirt") and libvirt is None:
             return None
         if want == "" and vbox is None:
             return None
         if want not in ("", "libvirt", "virtualbox"):
-            return f"no hypervisor: VAGRANT_DEFAULT_PROVIDER={want} is not supported (libvirt, virtualbox)"
-        return f"no hypervisor: {libvirt}" + ("" if want else f"; {vbox}")
+            return f"no hypervisor: VAGRANT_DEFAULT_PROVIDER={want} (use libvirt or virtualbox)"
+        return libvirt  # it names what is missing and what to do
 
     def _libvirt_missing(self) -> str | None:
         if shutil.which("virsh") is None:
-            return "libvirt: virsh was not found (vagrant/setup-host.sh start)"
+            return "libvirt not installed (apt-get install libvirt-daemon-system)"
         if shutil.which("qemu-system-x86_64") is None:
-            return "libvirt: qemu-system-x86_64 was not found"
+            return "QEMU not installed (apt-get install qemu-system-x86)"
         try:
             plugins = run_argv(["vagrant", "plugin", "list"], 60, "vagrant plugin list")
             if "vagrant-libvirt" not in plugins.stdout:
-                return "libvirt: the vagrant-libvirt plugin is not installed"
+                return "vagrant-libvirt plugin missing (apt-get install vagrant-libvirt)"
             ver = run_argv(["virsh", "-c", self._libvirt_uri(), "version"], 30, "virsh version")
         except (StepTimeout, TargetError) as exc:
-            return f"libvirt: {exc}"
+            return f"libvirt check failed: {exc} (sudo make setup)"
         if ver.rc != 0:
-            return (f"libvirt: libvirtd does not answer on {self._libvirt_uri()} "
-                    f"(vagrant/setup-host.sh start): {_last_line(ver.stderr)}")
+            return Reason(f"libvirtd does not answer on {self._libvirt_uri()} (sudo make setup)",
+                          _last_line(ver.stderr))
         return None
 
     def _boxes(self) -> str:
@@ -179,9 +180,9 @@ class VagrantDriver(Driver):
             if self.box_installed(target.box) or self._local_box_cached(target):
                 return None
             if os.geteuid() != 0:
-                return f"no box {target.box}, and building it needs root (vagrant/box/build.sh)"
+                return f"no box {target.box}: building it needs root (run as root)"
             if shutil.which("debootstrap") is None:
-                return f"no box {target.box}, and debootstrap was not found to build it"
+                return f"no box {target.box}: debootstrap missing (apt-get install debootstrap)"
             return None
         if not self.box_installed(target.box):
             family = {"freebsd": "FreeBSD"}.get(target.os_family, target.os_family)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import textwrap
 from typing import Any, Dict, List, Optional
 
 from iomux.report import model
@@ -191,27 +192,45 @@ def summary_md(results: Dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+#: The terminal summary fits this many columns; longer reasons go under the table.
+WIDTH = 120
+KERNEL_WIDTH = 18
+
+
+def _clip(text: str, width: int) -> str:
+    return text if len(text) <= width else text[:width - 1] + "~"
+
+
 def summary_table(results: Dict[str, Any]) -> str:
-    """The short plain-text table printed at the end of a run.
+    """The short plain-text table printed at the end of a run, at most 120 columns.
 
     Parameters:
         results: a results document (the schema of results.schema.json).
 
     Returns:
-        Aligned columns: target, kind, status (with the reason when it did not
-        pass), kernel, passed/failed/skipped per suite, build and total seconds;
-        then the run's wall time against its slowest target. No trailing newline.
+        Aligned columns: target, kind, status, kernel, passed/failed/skipped per
+        suite, build and total seconds; under the table, one line per target that
+        did not pass with its reason (``name: not run: why``, wrapped at 120
+        columns); then the run's wall time against its slowest target. No
+        trailing newline.
     """
     suites = model.suite_columns(results)
     header = ["target", "kind", "status", "kernel", *suites, "build s", "total s"]
     rows = []
+    reasons = []
     for t in model.targets(results):
-        row = [str(t.get("name")), str(t.get("kind")), model.status_text(t), str(t.get("kernel") or "-")]
+        status = str(t.get("status"))
+        row = [str(t.get("name")), str(t.get("kind")), status,
+               _clip(str(t.get("kernel") or "-"), KERNEL_WIDTH)]
         row += [model.suite_cell(t, s) or "-" for s in suites]
         row += [_seconds((t.get("timings") or {}).get("build")) or "-", _seconds(model.total_seconds(t)) or "-"]
         rows.append(row)
+        if status != "passed":
+            reasons.append(f"{t.get('name')}: {model.status_text(t)}")
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header, *rows]]
+    for reason in reasons:
+        lines += textwrap.wrap(reason, WIDTH, subsequent_indent="    ", break_on_hyphens=False)
     notes = []
     if suites:
         notes.append("suites: passed/failed/skipped")
@@ -219,5 +238,6 @@ def summary_table(results: Dict[str, Any]) -> str:
     if speed:
         notes.append(speed)
     notes.append(f"targets: {counts_line(results)}")
-    lines.append("; ".join(notes))
+    joined = "; ".join(notes)
+    lines += [joined] if len(joined) <= WIDTH else notes
     return "\n".join(lines)

@@ -72,9 +72,9 @@ def test_local_passes_and_a_missing_engine_is_not_run(tmp_path: Path) -> None:
 
     docker = by_name["debian-12"]
     assert docker["status"] == "not run"
-    assert docker["reason"].startswith("no Docker daemon")
+    assert docker["reason"].startswith("no Docker engine (")
     assert all(t["outcome"] == "skipped" for t in docker["tests"])
-    assert "not run: no Docker daemon" in proc.stdout
+    assert "not run: no Docker engine (" in proc.stdout
 
 
 def test_a_failing_target_fails_the_run(tmp_path: Path) -> None:
