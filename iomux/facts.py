@@ -3,6 +3,22 @@
 Everything is read from the running system by capability or from the kernel's
 own files; nothing is assumed from the OS's name. A fact that cannot be read
 is None, never a guess.
+
+Which kernel answers the system calls (``kernel_family``) is not the same
+question as which ABI it offers (``os_family``): gVisor's Sentry offers the
+Linux ABI from user space with its own epoll and TCP/IP stack (netstack), so
+Python sees sys.platform "linux" there. Facts used to tell them apart:
+
+- gVisor reports a fixed uname: release "4.4.0" and version
+  "#1 SMP Sun Jan 10 15:06:54 PST 2016" (pkg/sentry/kernel/version.go), in
+  the 2022 and 2024 builds alike, whatever the host runs; /proc/version
+  repeats it. Linux 4.4 was built in 2016 too, but no Linux distribution
+  kernel carries that exact build string.
+- gVisor's kernel log (/dev/kmsg is absent; ``dmesg`` reads the Sentry's
+  syslog) opens with "Starting gVisor...". It is a second witness where dmesg
+  may be read; on a real Linux dmesg is often restricted (dmesg_restrict).
+- User-Mode Linux is Linux (its own kernel, the Linux TCP stack): family
+  "linux".
 """
 
 from __future__ import annotations
@@ -65,6 +81,42 @@ def somaxconn() -> Optional[int]:
     return None
 
 
+#: gVisor's fixed uname -r / uname -v (pkg/sentry/kernel/version.go).
+GVISOR_RELEASE = "4.4.0"
+GVISOR_VERSION = "#1 SMP Sun Jan 10 15:06:54 PST 2016"
+
+
+def _dmesg_head() -> Optional[str]:
+    path = shutil.which("dmesg")
+    if path is None:
+        return None
+    try:
+        done = subprocess.run([path], capture_output=True, text=True, timeout=5, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout[:2000] if done.returncode == 0 else None
+
+
+def kernel_identity() -> Dict[str, Any]:
+    """Which kernel runs this process: ``{"family", "evidence"}``.
+
+    ``family`` is ``gvisor``, ``linux``, ``freebsd``, ``darwin`` (or
+    sys.platform's name for another system); ``evidence`` says, in one line,
+    what it was read from.
+    """
+    uname = os.uname()
+    family = sys.platform.rstrip("0123456789")
+    if family != "linux":
+        return {"family": family, "evidence": f"sys.platform {sys.platform!r}, uname {uname.sysname}"}
+    if uname.release == GVISOR_RELEASE and uname.version == GVISOR_VERSION:
+        return {"family": "gvisor",
+                "evidence": f"uname is gVisor's fixed {GVISOR_RELEASE} {GVISOR_VERSION!r}"}
+    head = _dmesg_head()
+    if head is not None and "Starting gVisor" in head:
+        return {"family": "gvisor", "evidence": "dmesg opens with 'Starting gVisor...'"}
+    return {"family": "linux", "evidence": f"uname {uname.release} {uname.version!r} is not gVisor's"}
+
+
 def _os_release() -> Optional[str]:
     # The distribution's name, where it says (Linux); the BSDs' uname is enough.
     try:
@@ -85,9 +137,12 @@ def collect() -> Dict[str, Any]:
         auto: Optional[str] = backends.auto()
     except Exception:
         auto = None
+    identity = kernel_identity()
     return {
         "os": uname.sysname,
         "os_family": sys.platform.rstrip("0123456789"),
+        "kernel_family": identity["family"],
+        "kernel_evidence": identity["evidence"],
         "distribution": _os_release(),
         "kernel": uname.release,
         "kernel_version": uname.version,

@@ -1,10 +1,41 @@
-"""Judge the probes' observations against the claims' expected values.
+"""Judge the probes' observations: does the write-up's claim hold on this
+kernel, and does this kernel behave as we expect it to? Two questions, kept
+apart (issue 14).
 
-The expected values are data (``expected.json`` beside this module): one entry
-per claim, with an expectation per OS family. An expectation holds two lists of
-conditions: ``requires`` (when one fails the claim is *not measurable* here,
-with the condition's ``why``) and ``checks`` (when one fails the claim
-*differs*). A condition picks one observed value and tests it:
+The data is ``expected.json`` beside this module, one entry per claim:
+
+- ``predicts``: what the write-up's claim predicts, per API family
+  (``linux``, ``freebsd``, ``darwin``; a key may list several:
+  ``"freebsd,darwin"``). gVisor offers the Linux ABI, so the claim's Linux
+  prediction is what it is judged by. Judged: ``holds``, ``refuted`` or
+  ``not measurable``.
+- ``expected``: what each kernel (``linux``, ``gvisor``, ``freebsd``,
+  ``darwin``) is expected to do, where that is not simply the claim's
+  prediction: one entry, or a list of entries that each may carry
+  ``versions`` (``{"min": "5.3"}`` inclusive, ``{"below": "5.3"}``
+  exclusive; the first entry whose range holds the kernel's version wins, an
+  entry without ``versions`` holds for any version). An entry is
+  ``{"requires", "checks", "reason"}``, or ``{"as": "linux"}`` /
+  ``{"as": "predicts"}``, or ``{"unknown": "why"}`` (nothing can be said:
+  the cell is not run). A kernel without an entry is expected to behave like
+  its family's reference: gVisor like Linux, the others as the claim
+  predicts. Every expectation that differs from Linux's carries a one-line
+  ``reason`` (a unit test checks this): a difference is data, never a
+  weakened check.
+
+Each record then holds the observation, ``claim_verdict`` (the first
+question), ``expected`` and ``matches`` (the second), and ``cell``:
+``agrees`` (matches an expectation equal to Linux's), ``expected
+difference`` (matches a reasoned expectation that differs from Linux's),
+``unexpected difference`` (contradicts its kernel's expectation) or ``not
+run``. ``verdict`` (agrees / differs / not measurable) is the second
+question in the older words.
+
+An expectation (or a prediction) holds two lists of conditions:
+``requires`` (when one fails the claim is *not measurable* here, with the
+condition's ``why``; ``{value}`` in it is replaced by the observed value) and
+``checks`` (when one fails the claim *differs*). A condition picks one
+observed value and tests it:
 
 - ``{"path": ["select", "first_failing_fd"], ...}``: a value inside the probe's dict;
 - ``{"ratio": {"backend": "epoll", "num": 10000, "den": 0}, ...}``: wait_cost's
@@ -22,11 +53,26 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from typing import Any, Dict, List, Optional, Tuple
 
 AGREES = "agrees"
 DIFFERS = "differs"
 NOT_MEASURABLE = "not measurable"
+
+#: The first question: does the write-up's claim hold here?
+HOLDS = "holds"
+REFUTED = "refuted"
+
+#: The cell of the kernel x claim grid.
+CELL_AGREES = "agrees"
+CELL_EXPECTED = "expected difference"
+CELL_UNEXPECTED = "unexpected difference"
+CELL_NOT_RUN = "not run"
+CELLS = (CELL_AGREES, CELL_EXPECTED, CELL_UNEXPECTED, CELL_NOT_RUN)
+
+#: The kernels expected.json speaks of, and the API family each offers.
+KERNELS = {"linux": "linux", "gvisor": "linux", "freebsd": "freebsd", "darwin": "darwin"}
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -44,10 +90,85 @@ def load_expected(path: Optional[str] = None) -> List[Dict[str, Any]]:
 
 
 def _for_family(claim: Dict[str, Any], os_family: str) -> Optional[Dict[str, Any]]:
-    for families, expectation in claim.get("expected", {}).items():
+    for families, expectation in claim.get("predicts", {}).items():
         if os_family in [f.strip() for f in families.split(",")]:
             return dict(expectation)
     return None
+
+
+def version_key(version: str) -> Tuple[int, ...]:
+    """A kernel version as a tuple of numbers: "6.1.0-18-amd64" -> (6, 1, 0, 18).
+
+    gVisor's versions are release dates: "0.0~20221219.0" -> (20221219, 0).
+    """
+    text = version.split("~", 1)[1] if "~" in version else version
+    return tuple(int(n) for n in re.findall(r"\d+", text))
+
+
+def _in_range(versions: Dict[str, str], version: str) -> bool:
+    key = version_key(version)
+    if "min" in versions and key < version_key(versions["min"]):
+        return False
+    return not ("below" in versions and key >= version_key(versions["below"]))
+
+
+#: The version to pass for "the entry that holds for current versions": the
+#: first one without a version range.
+LATEST = "latest"
+
+
+class _Unknown(Exception):
+    """No expectation can be given for this kernel; the message says why."""
+
+
+def _entries(claim: Dict[str, Any], kernel: str) -> List[Dict[str, Any]]:
+    for kernels, raw in claim.get("expected", {}).items():
+        if kernel in [k.strip() for k in kernels.split(",")]:
+            return list(raw) if isinstance(raw, list) else [raw]
+    return []
+
+
+def expectation_for(claim: Dict[str, Any], kernel: str,
+                    version: Optional[str] = None) -> Dict[str, Any]:
+    """The resolved expectation of ``claim`` for ``kernel`` at ``version``.
+
+    ``version`` None (unknown) or LATEST means a current version: the
+    entries with a version range are passed over. Returns ``{"requires", "checks",
+    "reason"}``. Raises _Unknown when none can be given.
+    """
+    family = KERNELS.get(kernel, kernel)
+    for entry in _entries(claim, kernel):
+        if "versions" in entry:
+            # An unknown version is taken to be a current one.
+            if version in (LATEST, None) or not _in_range(entry["versions"], str(version)):
+                continue
+        if "unknown" in entry:
+            raise _Unknown(f"no expectation for {kernel}: {entry['unknown']}")
+        if entry.get("as") == "linux":
+            return expectation_for(claim, "linux", LATEST)
+        if entry.get("as") == "predicts":
+            break
+        return {"requires": entry.get("requires", []), "checks": entry.get("checks", []),
+                "reason": entry.get("reason")}
+    else:
+        if kernel != family:
+            # A kernel with no entry behaves like its family's reference kernel.
+            return expectation_for(claim, family, LATEST)
+    predicted = _for_family(claim, family)
+    if predicted is None:
+        raise _Unknown(f"no expectation for kernel {kernel!r}")
+    return {"requires": predicted.get("requires", []), "checks": predicted.get("checks", []),
+            "reason": predicted.get("reason")}
+
+
+def differs_from_linux(claim: Dict[str, Any], expectation: Dict[str, Any]) -> bool:
+    """True when ``expectation`` is not the same conditions as Linux's (latest) one."""
+    try:
+        linux = expectation_for(claim, "linux", LATEST)
+    except _Unknown:
+        return True
+    return bool((linux["requires"], linux["checks"]) !=
+                (expectation["requires"], expectation["checks"]))
 
 
 def _walk(data: Any, path: List[Any]) -> Any:
@@ -150,12 +271,8 @@ def _record(claim: Dict[str, Any], target: str, observed: Any, expected: Any,
             "observed": observed, "expected": expected, "verdict": verdict, "why": why}
 
 
-def _judge(claim: Dict[str, Any], target: str, os_family: str,
+def _judge(claim: Dict[str, Any], target: str, expectation: Dict[str, Any],
            probes: Dict[str, Any]) -> Dict[str, Any]:
-    expectation = _for_family(claim, os_family)
-    if expectation is None:
-        return _record(claim, target, None, None, NOT_MEASURABLE,
-                       f"no expectation for OS family {os_family!r}")
     conds: List[Dict[str, Any]] = expectation.get("checks", [])
     reqs: List[Dict[str, Any]] = expectation.get("requires", [])
     expected: Dict[str, str] = {}
@@ -181,8 +298,9 @@ def _judge(claim: Dict[str, Any], target: str, os_family: str,
             return _record(claim, target, observed or None, expected, NOT_MEASURABLE, str(exc))
         observed[label] = value
         if not _test(cond, value)[0]:
+            why = str(cond.get("why", "precondition failed"))
             return _record(claim, target, observed, expected, NOT_MEASURABLE,
-                           f"{cond.get('why', 'precondition failed')} ({label} = {value})")
+                           why.format(value=value) if "{value}" in why else f"{why} ({label} = {value})")
     failures: List[str] = []
     missing: List[str] = []
     for cond in conds:
@@ -206,18 +324,97 @@ def _judge(claim: Dict[str, Any], target: str, os_family: str,
     return _record(claim, target, observed, expected, AGREES, "")
 
 
+def _quiet_observe(conds: List[Dict[str, Any]], probe: Any) -> Dict[str, Any]:
+    seen: Dict[str, Any] = {}
+    if not isinstance(probe, dict):
+        return seen
+    for cond in conds:
+        try:
+            label, value = _observe(cond, probe)
+        except (_Missing, KeyError, TypeError):
+            continue
+        seen[label] = value
+    return seen
+
+
+def judge(claim: Dict[str, Any], target: str, kernel: str, kernel_version: Optional[str],
+          probes: Dict[str, Any]) -> Dict[str, Any]:
+    """The record of one claim on one target: both questions, and the grid's cell."""
+    family = KERNELS.get(kernel, kernel)
+    predicted = _for_family(claim, family)
+    if predicted is None:
+        first = _record(claim, target, None, None, NOT_MEASURABLE,
+                        f"the claim predicts nothing for the {family} API")
+    else:
+        first = _judge(claim, target, predicted, probes)
+    claim_verdict = {AGREES: HOLDS, DIFFERS: REFUTED}.get(first["verdict"], NOT_MEASURABLE)
+    reason: Optional[str] = None
+    try:
+        expectation = expectation_for(claim, kernel, kernel_version)
+    except _Unknown as exc:
+        second = _record(claim, target, first["observed"], None, NOT_MEASURABLE, str(exc))
+        differs = False
+    else:
+        second = _judge(claim, target, expectation, probes)
+        reason = expectation.get("reason")
+        differs = differs_from_linux(claim, expectation)
+    observed: Dict[str, Any] = {}
+    probe = probes.get(claim["probe"])
+    try:
+        linux_conds = expectation_for(claim, "linux", LATEST)["checks"]
+    except _Unknown:
+        linux_conds = []
+    # Linux's figures too, so a difference reads against what Linux shows.
+    observed.update(_quiet_observe(linux_conds, probe))
+    for part in (first["observed"], second["observed"]):
+        if isinstance(part, dict):
+            observed.update(part)
+    if second["verdict"] == AGREES:
+        cell, matches = (CELL_EXPECTED if differs else CELL_AGREES), True
+    elif second["verdict"] == DIFFERS:
+        cell, matches = CELL_UNEXPECTED, False
+    else:
+        cell, matches = CELL_NOT_RUN, None
+    record = _record(claim, target, observed or None, second["expected"],
+                     second["verdict"], second["why"])
+    record.update({
+        "kernel": kernel, "kernel_version": kernel_version,
+        "claim_verdict": claim_verdict, "claim_why": first["why"],
+        "predicted": first["expected"],
+        "expected_reason": reason if differs else None,
+        "matches": matches, "cell": cell,
+    })
+    return record
+
+
 def evaluate(target: str, os_family: str, probes: Dict[str, Any],
-             expected_path: Optional[str] = None) -> List[Dict[str, Any]]:
+             expected_path: Optional[str] = None, *, kernel: Optional[str] = None,
+             kernel_version: Optional[str] = None) -> List[Dict[str, Any]]:
     """One claim record per claim of ``expected.json``, for one target.
 
     Parameters: ``target`` names the target (it goes into each record);
     ``os_family`` is ``linux``, ``freebsd`` or ``darwin``; ``probes`` is what
     ``iomux.probes.run()`` returned (the ``"probes"`` value of ``iomux probe
-    --json`` is accepted too, as is the whole printed document).
+    --json`` is accepted too, as is the whole printed document); ``kernel``
+    (default: the os_family) is ``linux``, ``gvisor``, ``freebsd`` or
+    ``darwin``, and ``kernel_version`` its version where expectations depend
+    on it (``uname -r`` for Linux, the release date for gVisor).
 
     Returns records ``{id, claim, target, observed, expected, verdict, why}``
-    with verdict ``agrees``, ``differs`` or ``not measurable``.
+    with verdict ``agrees``, ``differs`` or ``not measurable`` against the
+    kernel's expectation, plus ``kernel``, ``kernel_version``,
+    ``claim_verdict`` (holds, refuted, not measurable), ``claim_why``,
+    ``predicted``, ``expected_reason``, ``matches`` and ``cell``.
     """
     if isinstance(probes.get("probes"), dict):
         probes = probes["probes"]
-    return [_judge(claim, target, os_family, probes) for claim in load_expected(expected_path)]
+    chosen = kernel or os_family
+    return [judge(claim, target, chosen, kernel_version, probes)
+            for claim in load_expected(expected_path)]
+
+
+def unexpected(records: List[Dict[str, Any]]) -> List[str]:
+    """One line per record whose observation contradicts its kernel's expectation."""
+    return [f"{r['target']} {r['id']} ({r.get('kernel')} {r.get('kernel_version') or ''}): "
+            f"{r['why']}".replace(" ): ", "): ")
+            for r in records if r.get("cell") == CELL_UNEXPECTED]

@@ -256,7 +256,7 @@ def test_expected_json_covers_three_families() -> None:
     ids = [c["id"] for c in entries]
     assert len(ids) == len(set(ids)) >= 15
     for c in entries:
-        families = {f for key in c["expected"] for f in key.split(",")}
+        families = {f for key in c["predicts"] for f in key.split(",")}
         assert families == {"linux", "freebsd", "darwin"}, c["id"]
         assert c["probe"] in probes.PROBES, c["id"]
 
