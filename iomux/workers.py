@@ -4,18 +4,37 @@ Kernel facts, and what follows for us:
 
 - Linux (3.9+) SO_REUSEPORT lets several sockets of one user bind the same
   port and *balances* incoming connections between the listening ones by a
-  hash of the 4-tuple. Each worker opens its own listener, so each has its own
-  accept queue and no thundering herd.
+  hash of the 4-tuple. Each worker has its own listener, so each has its own
+  accept queue and no thundering herd. A socket joins Linux's reuseport group
+  at listen() (only listening sockets are in the listening hash), so there a
+  socket that is bound but never listens receives no connections.
 - FreeBSD 12+ spells that SO_REUSEPORT_LB (0x00010000 in <sys/socket.h>;
   Python exposes the name only from 3.12, and FreeBSD boxes ship 3.11). FreeBSD's
   and macOS's plain SO_REUSEPORT only allows the shared bind; connections all
   go to one socket, so there it is no way to share load.
-- Elsewhere the parent opens one listener before fork and every worker
+- FreeBSD adds a SO_REUSEPORT_LB socket to the port's load-balancing group at
+  bind(), not at listen() (in_pcbinshash; sys/netinet/in_pcb.c keeps the group
+  as an array il_inp[] of il_inpcnt sockets, a new one appended, a closed one
+  replaced by the last). A SYN's lookup takes il_inp[hash % il_inpcnt] without
+  checking that it listens, so a member that is bound but not listening gets
+  its share of the SYNs and resets them: one holder among N listeners resets
+  about one connection in N+1. Newer kernels park such sockets on il_pending
+  until listen(), but not every supported release has it.
+- So no socket of ours sits in a group without listening: the parent opens
+  every worker's listener itself, one after the other, each bound and
+  listening (open_listener does both at once) before the next is bound, and
+  worker i is forked with listener i. The parent keeps its copy of each: after
+  fork it is the same socket, so while a worker is restarted its listener
+  stays a listening member, the port stays held against other programs (they
+  cannot bind without the option), and connections arriving meanwhile wait in
+  its accept queue for the next worker instead of being reset. That holds on
+  Linux (listening members of one reuseport group) and on FreeBSD (every
+  member listens). The parent drops its copies when it starts stopping, so a
+  draining worker's close takes its listener away, as a lone server's does.
+- Elsewhere (macOS) the parent opens one listener before fork and every worker
   inherits it: one accept queue, all workers woken, the kernel hands each
-  connection to one of them.
-- With --port 0 the parent must pick the port before the workers bind: it binds
-  a reuse-port socket without listen(). A socket that never listens receives no
-  connections, and it keeps the port reserved while workers are restarted.
+  connection to one of them. The parent's copy holds the port across restarts.
+- With --port 0 the first listener picks the port and the others bind to it.
 - A worker's death is a SIGCHLD; ``signal.set_wakeup_fd`` turns it (and
   SIGTERM/SIGINT/SIGUSR1) into a byte on a socket the parent waits on.
   Signals are blocked across fork() so a worker cannot be hit by one before
@@ -77,15 +96,24 @@ class Supervisor:
         self.config = config
         self.mux_cls = mux_cls
         self.reuse = reuse_port_option()
-        if self.reuse is not None:
-            self.shared: socket.socket = open_listener(
-                config.host, config.port, reuse_option=self.reuse, listen=False
-            )
-        else:
-            self.shared = open_listener(config.host, config.port)
-        host, port = self.shared.getsockname()[:2]
+        # listeners[slot] is the socket worker ``slot`` serves (see the module essay).
+        self.listeners: List[socket.socket] = []
+        first = open_listener(config.host, config.port, reuse_option=self.reuse)
+        host, port = first.getsockname()[:2]
         self.host = str(host)
         self.port = int(port)
+        self.listeners.append(first)
+        try:
+            for _ in range(1, config.workers):
+                if self.reuse is None:
+                    self.listeners.append(first)  # one listener, inherited by all
+                else:
+                    # Bound and listening before the next bind: no member of the
+                    # FreeBSD group ever waits for its listen().
+                    self.listeners.append(open_listener(self.host, self.port, reuse_option=self.reuse))
+        except BaseException:
+            self.close_listeners()
+            raise
         self.children: Dict[int, int] = {}  # pid -> slot
         self.deaths: Dict[int, List[float]] = {}  # slot -> recent death times
         self.ready_r, self.ready_w = os.pipe()
@@ -95,6 +123,7 @@ class Supervisor:
         self.wake_r, self.wake_w = socket.socketpair()
         self.wake_r.setblocking(False)
         self.wake_w.setblocking(False)
+        self.closed = False
 
     def _spawn(self, slot: int) -> None:
         signals = STOP_SIGNALS + STATS_SIGNALS
@@ -118,11 +147,10 @@ class Supervisor:
             self.wake_w.close()
             os.close(self.ready_r)
             os.close(self.life_w)
-            if self.reuse is not None:
-                listener = open_listener(self.host, self.port, reuse_option=self.reuse)
-                self.shared.close()
-            else:
-                listener = self.shared
+            listener = self.listeners[slot]
+            for other in self.listeners:
+                if other is not listener:
+                    other.close()  # this process's copy only: the parent keeps its own
             ready_w = self.ready_w
 
             def report_ready(server: Server) -> None:
@@ -159,11 +187,23 @@ class Supervisor:
             signal.set_wakeup_fd(old_wakeup)
             for sig, handler in old.items():
                 signal.signal(sig, handler)
-            self.shared.close()
-            self.wake_r.close()
-            self.wake_w.close()
-            for fd in (self.ready_r, self.ready_w, self.life_r, self.life_w):
-                os.close(fd)
+            self.close()
+
+    def close_listeners(self) -> None:
+        """Drop this process's copies of the listeners (a worker's own copy stays open)."""
+        for sock in self.listeners:
+            sock.close()
+
+    def close(self) -> None:
+        """Release every socket and pipe the supervisor holds (``run`` does this at its end)."""
+        self.close_listeners()
+        if self.closed:
+            return  # the fd numbers may belong to someone else by now
+        self.closed = True
+        self.wake_r.close()
+        self.wake_w.close()
+        for fd in (self.ready_r, self.ready_w, self.life_r, self.life_w):
+            os.close(fd)
 
     def _supervise(self) -> int:
         cfg = self.config
@@ -205,6 +245,9 @@ class Supervisor:
                         if not stopping:
                             stopping = True
                             kill_at = time.monotonic() + cfg.drain_timeout + KILL_GRACE
+                            # No restart from here on: the listeners live on in the
+                            # workers only, and close with their drain.
+                            self.close_listeners()
                         # Pass the signal on as it came (stdin's stop is a SIGTERM): the
                         # workers' shutdown lines then name what the parent received.
                         self._kill_all(signum or signal.SIGTERM)
