@@ -19,11 +19,18 @@ Facts this driver relies on (measured on the project's CI machines; issue 4):
   locked!" while waiting for the boot (a known intermittent vagrant bug,
   hashicorp/vagrant#8468), and a boot under emulation can stall. A bounded
   retry (destroy, then up again) is cheaper than failing the target.
+- FreeBSD boxes are built here from the FreeBSD project's own VM images
+  (vagrant/box/freebsd.sh): Vagrant Cloud, where the public boxes lived, closed
+  at the end of 2026. A FreeBSD target names its image in targets.toml
+  (``[target.freebsd]``); the image and its CHECKSUM.SHA512 file are the user's
+  download, looked for in ``IOMUX_IMAGES`` (default ~/.cache/iomux). A box the
+  user already has is still taken through ``IOMUX_BOX_<TARGET>``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import hashlib
 import json
@@ -56,6 +63,11 @@ from harness.reasons import Reason
 ROOT = Path(__file__).resolve().parents[2]
 VAGRANT_DIR = ROOT / "vagrant"
 BOX_BUILD = VAGRANT_DIR / "box" / "build.sh"
+#: The FreeBSD box recipe: a box from FreeBSD's own VM image, no installer.
+FREEBSD_BOX_BUILD = VAGRANT_DIR / "box" / "freebsd.sh"
+#: Where FreeBSD images and their checksum files are looked for (vagrant/box/freebsd.sh too).
+IMAGES_ENV = "IOMUX_IMAGES"
+DEFAULT_IMAGES = "~/.cache/iomux"
 #: Per-run vagrant state; short, because ssh's ControlPath must fit a unix socket name.
 STATE_ROOT = Path(os.environ.get("IOMUX_VAGRANT_STATE", "/var/tmp/iomux-vagrant")) / "runs"
 #: Boxes named with this prefix are built here by vagrant/box/build.sh.
@@ -97,6 +109,52 @@ def _pid_alive(pid: int) -> bool:
 def _last_line(text: str) -> str:
     lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
     return lines[-1] if lines else "(no output)"
+
+
+def box_override_var(target: Target) -> str:
+    """The variable that hands ``target`` a box the user already has (IOMUX_BOX_FREEBSD_14)."""
+    return "IOMUX_BOX_" + target.name.upper().replace("-", "_")
+
+
+@dataclasses.dataclass(frozen=True)
+class FreeBSDImage:
+    """A FreeBSD target's VM image, as targets.toml's ``[target.freebsd]`` names it."""
+
+    version: str
+    file: str
+    checksum_file: str
+    url: str
+    sha512: str = ""
+
+    @classmethod
+    def of(cls, target: Target) -> FreeBSDImage | None:
+        """The image ``target`` is built from, or None if it names none."""
+        raw = target.options.get("freebsd")
+        if not isinstance(raw, dict):
+            return None
+        try:
+            return cls(version=str(raw["version"]), file=str(raw["image"]),
+                       checksum_file=str(raw["checksum_file"]), url=str(raw["url"]),
+                       sha512=str(raw.get("sha512", "")))
+        except KeyError as exc:
+            raise TargetError(f"{target.name}: [target.freebsd] lacks {exc.args[0]!r} "
+                              "in targets.toml") from None
+
+    @staticmethod
+    def directory() -> tuple[Path, str]:
+        """Where the image is looked for, and how to show it (``~`` kept short)."""
+        chosen = os.environ.get(IMAGES_ENV, "")
+        shown = chosen or DEFAULT_IMAGES
+        return Path(shown).expanduser(), shown
+
+    def missing_reason(self) -> str | None:
+        """None if the image and a checksum for it are here, else the one line saying where."""
+        where, shown = self.directory()
+        has_sum = bool(self.sha512) or (where / self.checksum_file).is_file()
+        if (where / self.file).is_file() and has_sum:
+            return None
+        return (f"no FreeBSD {self.version} image: put {self.file} and its CHECKSUM.SHA512 "
+                f"in {shown}, or set {IMAGES_ENV}")
 
 
 def remote_command(argv: Sequence[str], user: str | None = None) -> str:
@@ -173,9 +231,20 @@ class VagrantDriver(Driver):
                    if ",box-name," in line)
 
     def target_unavailable_reason(self, target: Target) -> str | None:
-        """A public box that is not installed is a reason; an iomux/ box is built."""
+        """A public box that is not installed is a reason; an iomux/ box is built
+        (a FreeBSD one only from the user's image: its absence is the reason)."""
         if not target.box:
             return f"target {target.name} names no box in targets.toml"
+        box = self.box_for(target)
+        image = FreeBSDImage.of(target)
+        if image is not None and box == target.box:
+            return None if self.box_installed(box) else image.missing_reason()
+        if box != target.box:
+            if self.box_installed(box):
+                return None
+            family = {"freebsd": "FreeBSD"}.get(target.os_family, target.os_family)
+            return (f"no {family} box {box}: not in vagrant box list "
+                    f"(vagrant box add it, or unset {box_override_var(target)})")
         if target.box.startswith(LOCAL_BOX_PREFIX):
             if self.box_installed(target.box) or self._local_box_cached(target):
                 return None
@@ -188,6 +257,10 @@ class VagrantDriver(Driver):
             family = {"freebsd": "FreeBSD"}.get(target.os_family, target.os_family)
             return f"no {family} box: vagrant box list has no {target.box}"
         return None
+
+    def box_for(self, target: Target) -> str:
+        """The box ``target`` runs: the user's through IOMUX_BOX_<TARGET>, else targets.toml's."""
+        return os.environ.get(box_override_var(target), "") or target.box or ""
 
     # -- build ----------------------------------------------------------------------------
 
@@ -202,6 +275,11 @@ class VagrantDriver(Driver):
     def build(self, target: Target, timeout: float) -> dict[str, Any]:
         """Build (or find cached) an iomux/ box; public boxes are used as installed."""
         began = time.monotonic()
+        image = FreeBSDImage.of(target)
+        if image is not None and self.box_for(target) == target.box:
+            return self._build_freebsd(target, image, timeout)
+        if self.box_for(target) != target.box:
+            return {"cached": True, "seconds": 0.0, "box": self.box_for(target)}
         if not (target.box or "").startswith(LOCAL_BOX_PREFIX):
             return {"cached": True, "seconds": 0.0, "box": target.box}
         # One builder at a time across xdist workers; the others then find it cached.
@@ -217,6 +295,38 @@ class VagrantDriver(Driver):
                 raise TargetError(f"{target.name}: box build failed: {_last_line(res.stderr or res.stdout)}")
         return {"cached": False, "seconds": round(time.monotonic() - began, 1), "box": target.box,
                 "log": res.stdout.strip().splitlines()[-3:]}
+
+    def _freebsd_env(self, target: Target, image: FreeBSDImage) -> dict[str, str]:
+        return {**os.environ, "IOMUX_BOX_NAME": target.box or "",
+                "IOMUX_IMAGES": str(image.directory()[0]), "IOMUX_FREEBSD_SHA512": image.sha512}
+
+    def _build_freebsd(self, target: Target, image: FreeBSDImage, timeout: float) -> dict[str, Any]:
+        """vagrant/box/freebsd.sh VERSION: verify the image, build and add the box (cached).
+
+        Without the image an installed box of the name is used as it is: the
+        recipe cannot tell whether it is current, and nothing here could rebuild it."""
+        began = time.monotonic()
+        box = target.box or ""
+        with self._lock("box.lock", timeout):
+            if image.missing_reason() is not None:
+                if self.box_installed(box):
+                    return {"cached": True, "seconds": 0.0, "box": box,
+                            "image": "absent; the installed box is used as it is"}
+                raise TargetError(f"{target.name}: {image.missing_reason()}")
+            env = self._freebsd_env(target, image)
+            check = run_argv([str(FREEBSD_BOX_BUILD), image.version, "--check"], 120,
+                             f"{target.name}: box check", env=env)
+            if check.rc == 0:
+                return {"cached": True, "seconds": round(time.monotonic() - began, 1), "box": box}
+            left = max(1.0, timeout - (time.monotonic() - began))
+            res = run_argv([str(FREEBSD_BOX_BUILD), image.version], left,
+                           f"{target.name}: box build", env=env)
+            self._box_list = None
+            if res.rc != 0:
+                raise TargetError(f"{target.name}: box build failed: "
+                                  f"{_last_line(res.stderr or res.stdout)}")
+        return {"cached": False, "seconds": round(time.monotonic() - began, 1), "box": box,
+                "image": image.file, "log": res.stdout.strip().splitlines()[-3:]}
 
     @contextlib.contextmanager
     def _lock(self, name: str, timeout: float) -> Iterator[None]:
@@ -267,7 +377,7 @@ class VagrantDriver(Driver):
             "IOMUX_BACKENDS": ",".join(f"{b}:{guest_ports[b]}" for b in backends),
             "IOMUX_UDP_PORTS": f"{udp_port}:{udp_port}",
             "IOMUX_CONSOLE_LOG": str(run_dir / "console.log"),
-            f"IOMUX_BOX_{target.name.upper().replace('-', '_')}": target.box or "",
+            box_override_var(target): self.box_for(target),
             # vagrant's own checks phone home; nothing here may leave 127.0.0.0/8.
             "VAGRANT_CHECKPOINT_DISABLE": "1",
             "VAGRANT_BOX_UPDATE_CHECK_DISABLE": "1",

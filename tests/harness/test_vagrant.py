@@ -113,16 +113,22 @@ def test_missing_provider_is_named_in_one_line(tmp_path: Path, monkeypatch: pyte
         "no hypervisor: VBoxManage (VirtualBox) was not found")
 
 
-@pytest.mark.parametrize("name", ["freebsd-13", "freebsd-14", "freebsd-15"])
-def test_freebsd_without_box_is_not_run(driver: vd.VagrantDriver, name: str) -> None:
+@pytest.mark.parametrize("name", ["freebsd-14", "freebsd-15"])
+def test_freebsd_without_box_or_image_is_not_run(driver: vd.VagrantDriver, name: str,
+                                                 tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     _need_vagrant()
+    monkeypatch.setenv(vd.IMAGES_ENV, str(tmp_path))
     target = _target(name)
-    assert target.box
+    monkeypatch.delenv(vd.box_override_var(target), raising=False)
+    image = vd.FreeBSDImage.of(target)
+    assert target.box and image is not None
     if driver.box_installed(target.box):
         assert driver.target_unavailable_reason(target) is None
     else:
         assert driver.target_unavailable_reason(target) == (
-            f"no FreeBSD box: vagrant box list has no {target.box}")
+            f"no FreeBSD {image.version} image: put {image.file} and its CHECKSUM.SHA512 "
+            f"in {tmp_path}, or set IOMUX_IMAGES")
 
 
 # -- the real thing ------------------------------------------------------------------------
