@@ -231,7 +231,7 @@ kernels_step() {  # install|--check
 report_only() {  # change nothing; say what would
   local reason=$1 rc=0
   if ((${#missing[@]})); then
-    say "missing ${missing[*]}; would run: ${hint_sudo}apt-get install ${missing[*]}"; rc=1
+    say "missing; would run: ${hint_sudo}apt-get install ${missing[*]}"; rc=1
   fi
   if has_kind docker && ! docker_up; then
     say "dockerd is not running; would run: ${hint_sudo}dockerd &"; rc=1
@@ -244,7 +244,7 @@ report_only() {  # change nothing; say what would
   if ((rc == 0)); then
     say "${kinds[*]}: everything is here"
   elif [[ -n $reason ]]; then
-    say "changed nothing ($reason); targets that need the above are reported not run"
+    say "changed nothing ($reason); the targets that need it are reported not run"
   fi
   return $rc
 }

@@ -1,0 +1,155 @@
+"""scripts/setup-engines.sh on a simulated machine: stubs for id, sudo, apt-get,
+dpkg-query, docker and dockerd on a PATH that has nothing else of the engines.
+
+The real dockerd and libvirtd others rely on are never touched: the stub dockerd
+is a sleeping shell script, and stop is checked to stop only it.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+SCRIPT = REPO / "scripts" / "setup-engines.sh"
+#: What the stubs replace, and what a fresh machine lacks.
+HIDDEN = {"id", "sudo", "apt-get", "dpkg-query", "docker", "dockerd", "debootstrap", "strace",
+          "vagrant", "virsh", "libvirtd", "virtlogd", "chromium", "qemu-system-x86_64", "runsc"}
+
+
+def _stub(bindir: Path, name: str, body: str) -> None:
+    path = bindir / name
+    path.write_text("#!/bin/bash\n" + body + "\n")
+    path.chmod(0o755)
+
+
+@pytest.fixture
+def machine(tmp_path: Path) -> dict[str, Path]:
+    """A PATH of every host tool but the engines, plus stubs; uid 1000 without sudo."""
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    for d in ("/usr/local/bin", "/usr/bin", "/bin", "/usr/sbin", "/sbin"):
+        for tool in Path(d).iterdir() if Path(d).is_dir() else []:
+            link = bindir / tool.name
+            if tool.name not in HIDDEN and not link.exists() and not link.is_symlink():
+                link.symlink_to(tool)
+    calls = tmp_path / "calls.log"
+    uid = tmp_path / "uid"
+    uid.write_text("1000\n")
+    _stub(bindir, "id", f'if [[ $1 == -u ]]; then cat {uid}; else /usr/bin/id "$@"; fi')
+    _stub(bindir, "sudo", f'echo "sudo $*" >>{calls}; echo "sudo: a password is required" >&2; '
+                          "exit 1")
+    # apt-get "installs" a package by making its command exist.
+    _stub(bindir, "apt-get", f'echo "apt-get $*" >>{calls}\n'
+          f'for p in "$@"; do case $p in docker.io) cp {bindir}/.dockerd {bindir}/dockerd;; '
+          f'strace|debootstrap|chromium) printf "#!/bin/sh\\n" >{bindir}/$p; '
+          f'chmod +x {bindir}/$p;; esac; done; exit 0')
+    _stub(bindir, "dpkg-query", "exit 1")
+    # dockerd: sleeps, marked up while it runs; docker info answers while it does.
+    up = tmp_path / "dockerd.up"
+    _stub(bindir, ".dockerd", f'echo "dockerd $*" >>{calls}; echo $$ >{up}; '
+                              f"trap 'rm -f {up}; exit 0' TERM; while :; do sleep 0.1; done")
+    _stub(bindir, "docker", f'[[ -s {up} ]] && kill -0 "$(cat {up})" 2>/dev/null')
+    return {"bin": bindir, "calls": calls, "uid": uid, "up": up, "tmp": tmp_path}
+
+
+def run(machine: dict[str, Path], *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    full = {"PATH": str(machine["bin"]), "HOME": str(machine["tmp"]),
+            "IOMUX_SETUP_STATE": str(machine["tmp"] / "state"),
+            "IOMUX_SETUP_LOG_DIR": str(machine["tmp"]), "IOMUX_SETUP_WAIT": "10",
+            "IOMUX_QEMU_CONF": str(machine["tmp"] / "qemu.conf"), **env}
+    return subprocess.run(["bash", str(SCRIPT), *args], capture_output=True, text=True,
+                          timeout=120, env=full, check=False)
+
+
+def calls(machine: dict[str, Path]) -> str:
+    return machine["calls"].read_text() if machine["calls"].exists() else ""
+
+
+def test_a_user_who_may_not_install_changes_nothing(machine: dict[str, Path]) -> None:
+    proc = run(machine, "start", "docker", "browser")
+    assert proc.returncode == 0, proc.stderr
+    assert "apt-get" not in calls(machine) and "dockerd" not in calls(machine)
+    out = proc.stdout
+    assert "not root and no passwordless sudo" in out
+    assert "would run: sudo apt-get install strace docker.io debootstrap chromium" in out
+    assert "would run: sudo dockerd" in out
+    assert all(len(line) <= 120 for line in out.splitlines())
+
+
+def test_iomux_setup_0_changes_nothing_even_as_root(machine: dict[str, Path]) -> None:
+    machine["uid"].write_text("0\n")
+    proc = run(machine, "start", "docker", IOMUX_SETUP="0")
+    assert proc.returncode == 0
+    assert "IOMUX_SETUP=0" in proc.stdout and calls(machine) == ""
+    assert "would run: apt-get install" in proc.stdout  # root: no sudo in the hint
+
+
+def test_check_says_what_is_missing_and_fails(machine: dict[str, Path]) -> None:
+    machine["uid"].write_text("0\n")
+    proc = run(machine, "--check", "docker")
+    assert proc.returncode == 1 and calls(machine) == ""
+    assert "missing; would run: apt-get install strace docker.io debootstrap" in proc.stdout
+
+
+def test_root_installs_starts_is_idempotent_and_stops_only_its_own(
+        machine: dict[str, Path]) -> None:
+    machine["uid"].write_text("0\n")
+    first = run(machine, "start", "docker")
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert calls(machine).count("apt-get") == 2  # one update, one install of everything
+    assert "install -y -qq --no-install-recommends strace docker.io debootstrap" in calls(machine)
+    assert "[setup] installing docker.io" in first.stdout
+    assert "[setup] starting dockerd" in first.stdout
+    pid = int(machine["up"].read_text())
+    assert (machine["tmp"] / "state").read_text().split() == ["dockerd", str(pid)]
+
+    before = calls(machine)
+    second = run(machine, "start", "docker")
+    assert second.returncode == 0
+    assert calls(machine) == before  # installs nothing, starts nothing
+    assert second.stdout.strip().splitlines() == [
+        "[setup] docker: nothing to install, nothing to start"]
+
+    stop = run(machine, "stop")
+    assert stop.returncode == 0
+    assert f"stopping dockerd (pid {pid})" in stop.stdout
+    assert not (machine["tmp"] / "state").exists()
+    with pytest.raises(ProcessLookupError):
+        for _ in range(50):
+            os.kill(pid, 0)
+            subprocess.run(["sleep", "0.1"], check=False)
+
+
+def test_stop_leaves_a_daemon_it_did_not_start(machine: dict[str, Path]) -> None:
+    # A pid in the state file that now belongs to another program is left alone.
+    sleeper = subprocess.Popen(["sleep", "30"])
+    try:
+        (machine["tmp"] / "state").write_text(f"dockerd {sleeper.pid}\n")
+        proc = run(machine, "stop")
+        assert "left alone" in proc.stdout
+        assert sleeper.poll() is None
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+def test_make_runs_stop_when_the_tests_fail(machine: dict[str, Path], tmp_path: Path) -> None:
+    # The Makefile's test-all-os with a stand-in Python whose pytest fails.
+    machine["uid"].write_text("0\n")
+    fake = tmp_path / "python"
+    fake.write_text("#!/bin/bash\ncase \"$*\" in *--kinds*) echo docker;; *--count*) echo 1;;"
+                    " *) exit 1;; esac\n")
+    fake.chmod(0o755)
+    env = {**os.environ, "PATH": f"{machine['bin']}", "IOMUX_SETUP_LOG_DIR": str(tmp_path),
+           "IOMUX_SETUP_WAIT": "10", "TMPDIR": str(tmp_path)}
+    proc = subprocess.run(["make", "-o", ".venv/.installed", "test-all-os", f"PY={fake}"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120, env=env,
+                          check=False)
+    assert proc.returncode != 0
+    assert "[setup] starting dockerd" in proc.stdout
+    assert "[setup] stopping dockerd" in proc.stdout, proc.stdout + proc.stderr
+    assert not machine["up"].exists()
