@@ -97,12 +97,14 @@ def _for_family(claim: Dict[str, Any], os_family: str) -> Optional[Dict[str, Any
 
 
 def version_key(version: str) -> Tuple[int, ...]:
-    """A kernel version as a tuple of numbers: "6.1.0-18-amd64" -> (6, 1, 0, 18).
+    """A kernel version's leading dotted numbers: "6.1.0-18-amd64" -> (6, 1, 0).
 
-    gVisor's versions are release dates: "0.0~20221219.0" -> (20221219, 0).
+    gVisor's versions are release dates after Debian's "0.0~":
+    "0.0~20221219.0-2+b3" -> (20221219, 0).
     """
     text = version.split("~", 1)[1] if "~" in version else version
-    return tuple(int(n) for n in re.findall(r"\d+", text))
+    found = re.match(r"\d+(?:\.\d+)*", text.strip())
+    return tuple(int(n) for n in found.group(0).split(".")) if found else ()
 
 
 def _in_range(versions: Dict[str, str], version: str) -> bool:
@@ -138,10 +140,10 @@ def expectation_for(claim: Dict[str, Any], kernel: str,
     """
     family = KERNELS.get(kernel, kernel)
     for entry in _entries(claim, kernel):
-        if "versions" in entry:
-            # An unknown version is taken to be a current one.
-            if version in (LATEST, None) or not _in_range(entry["versions"], str(version)):
-                continue
+        # An unknown version is taken to be a current one.
+        if "versions" in entry and (version in (LATEST, None)
+                                    or not _in_range(entry["versions"], str(version))):
+            continue
         if "unknown" in entry:
             raise _Unknown(f"no expectation for {kernel}: {entry['unknown']}")
         if entry.get("as") == "linux":

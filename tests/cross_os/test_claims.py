@@ -1,14 +1,20 @@
 """Suite "claims": run every behaviour probe inside each target and judge the
-write-up's claims against expected.json (issue 5).
+write-up's claims against expected.json (issues 5 and 14).
 
 One ``iomux probe --json`` run per target (a session fixture, so every test of
 a target shares it); the observations and the claim records go into the
 target's entry of results.json whatever the assertions below decide.
 
-- On every Linux target the Linux expectations must hold: the select limit,
-  linear poll, flat epoll, LT 3 and ET 1, RDHUP on half-close.
-- kqueue expectations are checked wherever a kqueue kernel runs, and skipped
-  (with the reason) elsewhere; the report marks them not run.
+- The kernel the probe run detected (iomux.facts: gVisor by its fixed uname)
+  must be the one the target declares (``kernel`` in targets.toml, else its
+  os_family); the records are judged with the detected one.
+- Every claim is judged twice: does the write-up's claim hold here, and does
+  this kernel show what expected.json expects of it. An observation that
+  contradicts its kernel's expectation is an unexpected difference, and
+  fails its claim's test by name.
+- On every Linux-ABI kernel the core Linux claims must be measurable: the
+  select limit, linear poll, flat epoll, LT 3 and ET 1, half-close events.
+  kqueue claims must be measurable wherever a kqueue kernel runs.
 - The whole probe suite must finish within 60 s per target.
 """
 
@@ -17,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 import pytest
 
@@ -74,10 +80,45 @@ def probe_run(running_target: RunningTarget, target: Target) -> ProbeRun:
     if isinstance(document.get("probes"), dict):
         document["probe_wall_s"] = round(seconds, 3)
         running_target.record("probe", document)
-        records = claims.evaluate(target.name, target.os_family, document["probes"])
+        kernel = detected_kernel(document, target)
+        records = claims.evaluate(target.name, target.os_family, document["probes"],
+                                  kernel=kernel,
+                                  kernel_version=kernel_version(running_target, kernel, document))
         running_target.record("claims", records)
     return ProbeRun(result.rc, seconds, result.stderr, document,
                     {r["id"]: r for r in records})
+
+
+def declared_kernel(target: Target) -> str:
+    """The kernel a target declares: ``kernel`` in targets.toml, else its os_family's."""
+    declared = target.options.get("kernel")
+    return str(declared) if declared else target.os_family
+
+
+def detected_kernel(document: Dict[str, Any], target: Target) -> str:
+    """The kernel family the probe run detected (iomux.facts), else the declared one."""
+    found = document.get("kernel_family")
+    return str(found) if isinstance(found, str) and found else declared_kernel(target)
+
+
+def kernel_version(rt: RunningTarget, kernel: str, document: Dict[str, Any]) -> Optional[str]:
+    """The version expected.json's ranges are read against.
+
+    Linux: the release the probe run saw (uname -r). gVisor reports a fixed
+    uname, so its version (the runsc release, "0.0~20221219.0-2+b3") comes
+    from the harness: ``kernel_version`` in the instance data or the target's
+    options, else ``[target.kernel_build] version``; None where none says.
+    """
+    for source in (rt.instance.data, rt.target.options):
+        value = source.get("kernel_version")
+        if isinstance(value, str) and value:
+            return value
+    if kernel == "gvisor":
+        build = rt.target.options.get("kernel_build")
+        value = build.get("version") if isinstance(build, dict) else None
+        return str(value) if value else None
+    release = document.get("kernel")
+    return str(release) if isinstance(release, str) and release else None
 
 
 def _require(run: ProbeRun) -> None:
@@ -115,26 +156,59 @@ def test_every_claim_has_a_record(probe_run: ProbeRun) -> None:
     for record in probe_run.records.values():
         assert record["verdict"] in (claims.AGREES, claims.DIFFERS, claims.NOT_MEASURABLE)
         assert record["verdict"] == claims.AGREES or record["why"], record["id"]
+        assert record["claim_verdict"] in (claims.HOLDS, claims.REFUTED, claims.NOT_MEASURABLE)
+        assert record["cell"] in claims.CELLS, record["id"]
+        if record["cell"] == claims.CELL_EXPECTED:
+            assert record["expected_reason"], record["id"]
+
+
+def test_detected_kernel_is_the_declared_one(probe_run: ProbeRun, target: Target) -> None:
+    """The probe run's kernel (gVisor or Linux, by its traits) is the one targets.toml names."""
+    _require(probe_run)
+    found = probe_run.document.get("kernel_family")
+    evidence = probe_run.document.get("kernel_evidence")
+    assert found == declared_kernel(target), (
+        f"{target.name} declares kernel {declared_kernel(target)!r} but the probe run "
+        f"detected {found!r} ({evidence})")
+
+
+@pytest.mark.parametrize("claim_id", [c["id"] for c in claims.load_expected()])
+def test_claim_matches_kernel_expectation(probe_run: ProbeRun, claim_id: str) -> None:
+    """The observation matches this kernel's expectation (agrees or an expected difference)."""
+    _require(probe_run)
+    record = probe_run.records[claim_id]
+    assert record["cell"] in claims.CELLS, record
+    bad = claims.unexpected([record])
+    assert not bad, f"unexpected difference: {bad[0]} (observed {record['observed']})"
+    if record["cell"] == claims.CELL_NOT_RUN:
+        pytest.skip(f"{claim_id} not run: {record['why']}")
+
+
+def test_no_unexpected_difference(probe_run: ProbeRun) -> None:
+    """No claim's observation contradicts its kernel's expectation; each one is named."""
+    _require(probe_run)
+    bad = claims.unexpected(list(probe_run.records.values()))
+    assert not bad, "unexpected differences:\n" + "\n".join(bad)
 
 
 @pytest.mark.parametrize("claim_id", LINUX_CLAIMS)
-def test_linux_expectations_hold(probe_run: ProbeRun, target: Target, claim_id: str) -> None:
-    """On a Linux kernel: select limit, linear poll, flat epoll, LT 3 / ET 1, RDHUP."""
+def test_linux_claims_measurable(probe_run: ProbeRun, target: Target, claim_id: str) -> None:
+    """On a Linux-ABI kernel (Linux, gVisor): the core Linux claims are measured and match."""
     if target.os_family != "linux":
         pytest.skip(f"{target.name} is {target.os_family}, not linux")
     _require(probe_run)
     record = probe_run.records[claim_id]
-    assert record["verdict"] == claims.AGREES, (
-        f"{claim_id}: {record['verdict']}: {record['why']} (observed {record['observed']})")
+    assert record["cell"] in (claims.CELL_AGREES, claims.CELL_EXPECTED), (
+        f"{claim_id}: {record['cell']}: {record['why']} (observed {record['observed']})")
 
 
 @pytest.mark.parametrize("claim_id", KQUEUE_CLAIMS)
-def test_kqueue_expectations_hold(probe_run: ProbeRun, target: Target, claim_id: str) -> None:
+def test_kqueue_claims_measurable(probe_run: ProbeRun, target: Target, claim_id: str) -> None:
     """Where a kqueue kernel runs: flat kevent, EV_CLEAR once, EV_EOF, native non-file events."""
     _require(probe_run)
     if not _has_kqueue(probe_run):
         pytest.skip(f"no kqueue kernel on {target.name} ({target.os_family}): "
                     "kqueue claims not run here")
     record = probe_run.records[claim_id]
-    assert record["verdict"] == claims.AGREES, (
-        f"{claim_id}: {record['verdict']}: {record['why']} (observed {record['observed']})")
+    assert record["cell"] in (claims.CELL_AGREES, claims.CELL_EXPECTED), (
+        f"{claim_id}: {record['cell']}: {record['why']} (observed {record['observed']})")
