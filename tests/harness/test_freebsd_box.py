@@ -412,3 +412,54 @@ def test_build_without_image_or_box_says_the_not_run_line(monkeypatch: pytest.Mo
     target = _freebsd_target("freebsd-15")
     with pytest.raises(TargetError, match=r"^freebsd-15: no FreeBSD 15\.0 image: put "):
         _NoBoxes().build(target, 60)
+
+
+STUB_VBOXMANAGE = """#!/bin/sh
+# STAND-IN for VBoxManage (no VirtualBox here): logs its arguments, and for
+# `export --output FILE` writes a box.ovf and the disk that VirtualBox would.
+echo "$*" >>"$STUB_LOG"
+case "$1" in
+  showvminfo) echo 'macaddress1="080027AABBCC"' ;;
+  export) out=$4; echo '<Envelope/>' >"$out"; echo vmdk >"$(dirname "$out")/box-disk001.vmdk" ;;
+esac
+"""
+
+
+@pytest.mark.slow
+def test_virtualbox_box_with_a_stand_in_vboxmanage(standin: dict[str, Any]) -> None:
+    """The VirtualBox half, where VBoxManage exists: the qcow2 goes to VMDK, VBoxManage
+    builds and exports the VM, and vagrant accepts the box for the virtualbox provider.
+    VBoxManage is a stub here (no VirtualBox): what is checked is the recipe's side."""
+    if shutil.which("VBoxManage"):
+        pytest.skip("a real VBoxManage is installed; the stub would hide it")
+    stub_dir = standin["tmp"] / "stub-bin"
+    stub_dir.mkdir()
+    (stub_dir / "VBoxManage").write_text(STUB_VBOXMANAGE)
+    (stub_dir / "VBoxManage").chmod(0o755)
+    log = standin["tmp"] / "vboxmanage.log"
+    env = {**standin["env"], "PATH": f"{stub_dir}:{os.environ['PATH']}", "STUB_LOG": str(log)}
+    res = _recipe(env)
+    assert res.returncode == 0, res.stderr
+    calls = log.read_text().splitlines()
+    assert [c.split()[0] for c in calls] == ["createvm", "modifyvm", "storagectl", "storageattach",
+                                              "showvminfo", "export", "unregistervm"]
+    assert "--storagectl SATA --port 0 --device 0 --type hdd" in calls[3]
+    vbox = next(b for b in _boxes(standin["cache"]) if b.name.endswith("-virtualbox.box"))
+    with tarfile.open(vbox) as tar:
+        names = {n.lstrip("./") for n in tar.getnames()} - {""}
+        assert names == {"metadata.json", "Vagrantfile", "box.ovf", "box-disk001.vmdk", "seed.iso",
+                         "iomux-recipe.sha256"}
+        meta = tar.extractfile(next(m for m in tar.getmembers() if m.name.endswith("metadata.json")))
+        assert meta is not None and json.loads(meta.read()) == {"provider": "virtualbox"}
+        vf = tar.extractfile(next(m for m in tar.getmembers() if m.name.endswith("Vagrantfile")))
+        assert vf is not None and 'c.vm.base_mac = "080027AABBCC"' in vf.read().decode()
+    # The VMDK the stub was given is qemu-img's conversion of the image.
+    attach = calls[3].split("--medium ")[1]
+    assert attach.endswith("/vbox/disk.vmdk")
+    listed = _vagrant(env, "box", "list", "--machine-readable").stdout
+    assert listed.count(f",box-name,{STANDIN_BOX}") == 2, listed
+    assert ",box-provider,virtualbox" in listed and ",box-provider,libvirt" in listed
+    for provider in ("libvirt", "virtualbox"):
+        res2 = _vagrant(env, "box", "remove", "--force", "--provider", provider, STANDIN_BOX)
+        assert res2.returncode == 0, res2.stderr
+    assert not [n for n in _leftovers(standin["cache"]) if n.startswith("work.")]
