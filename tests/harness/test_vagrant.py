@@ -80,7 +80,8 @@ def test_remote_command_sudo_prefix() -> None:
 
 def test_no_vagrant_is_one_clear_reason(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("PATH", str(tmp_path))
-    assert vd.VagrantDriver().unavailable_reason() == "vagrant executable was not found"
+    assert vd.VagrantDriver().unavailable_reason() == (
+        "vagrant not installed (apt-get install vagrant vagrant-libvirt)")
 
 
 def test_vagrantfile_parses_and_names_the_targets(tmp_path: Path) -> None:
@@ -110,7 +111,7 @@ def test_missing_provider_is_named_in_one_line(tmp_path: Path, monkeypatch: pyte
     assert ".rb:" not in res.stderr, "a Ruby backtrace instead of one line"
     monkeypatch.setenv("VAGRANT_DEFAULT_PROVIDER", "virtualbox")
     assert vd.VagrantDriver().unavailable_reason() == (
-        "no hypervisor: VBoxManage (VirtualBox) was not found")
+        "no hypervisor: VirtualBox not installed (install it)")
 
 
 @pytest.mark.parametrize("name", ["freebsd-14", "freebsd-15"])
