@@ -117,7 +117,11 @@ def no_image(image: str | None, error: str, offline_missing: str | None) -> Reas
 
 
 def driver_missing(module: str, exc: BaseException) -> Reason:
-    """A kind whose driver module does not import here."""
+    """A kind whose driver module does not import here: absent from this checkout, or
+    one of its own imports (a third-party package) missing."""
+    if f"No module named '{module}'" in str(exc):
+        return Reason(f"no driver {module} in this checkout (git pull, or drop the target)",
+                      f"{type(exc).__name__}: {exc}")
     return Reason(f"driver {module} does not import (pip install -e '.[dev]'; see the log)",
                   f"{type(exc).__name__}: {exc}")
 

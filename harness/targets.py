@@ -159,8 +159,8 @@ def select_targets(targets: Sequence[Target], names: Iterable[str] | None) -> li
 def availability(targets: Sequence[Target]) -> dict[str, str | None]:
     """Target name -> None if it can run here, else the one-line reason why not
     (what ``make test-all-os`` would print as "not run: ...")."""
-    from harness.drivers import get_driver
-    from harness.reasons import engine_check_failed, fit
+    from harness.drivers import KINDS, DriverUnavailable, UnknownKind, get_driver
+    from harness.reasons import driver_missing, engine_check_failed, fit
 
     by_kind: dict[str, str | None] = {}
     found: dict[str, str | None] = {}
@@ -170,6 +170,8 @@ def availability(targets: Sequence[Target]) -> dict[str, str | None]:
             if target.kind not in by_kind:
                 by_kind[target.kind] = driver.unavailable_reason()
             reason = by_kind[target.kind] or driver.target_unavailable_reason(target)
+        except (UnknownKind, DriverUnavailable) as exc:
+            reason = driver_missing(KINDS.get(target.kind, target.kind), exc)
         except Exception as exc:  # a broken check means "cannot run", as in the harness
             reason = engine_check_failed(target.kind, exc)
         found[target.name] = fit(reason) if reason else None

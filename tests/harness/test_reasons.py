@@ -31,6 +31,8 @@ def assert_well_formed(reason: str | None) -> None:
 @pytest.mark.parametrize("reason", [
     reasons.DOCKER_SDK, reasons.DOCKER_ENGINE, reasons.INTERRUPTED, reasons.NO_TEST_RAN,
     reasons.driver_missing("harness.drivers.docker", ImportError("No module named 'docker'")),
+    reasons.driver_missing("harness.drivers.uml",
+                           ImportError("No module named 'harness.drivers.uml'")),
     reasons.engine_check_failed("vagrant", RuntimeError("x" * 500)),
 ])
 def test_fixed_reasons(reason: str) -> None:
@@ -131,3 +133,21 @@ def test_every_kind_without_its_tools(monkeypatch: pytest.MonkeyPatch, tmp_path:
             reason = reasons.engine_check_failed(kind, exc)
         if reason is not None:
             assert_well_formed(reasons.fit(reason))
+
+
+def test_targets_list_says_what_can_run_here(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    env = {**os.environ, "DOCKER_HOST": f"unix://{tmp_path}/nothing.sock"}
+    proc = subprocess.run([sys.executable, "-m", "harness.targets", "--list", "--targets",
+                           "local,debian-12"], capture_output=True, text=True, timeout=120,
+                          env=env, check=False, cwd=Path(__file__).resolve().parents[2])
+    assert proc.returncode == 0, proc.stderr
+    rows = {line.split()[0]: line for line in proc.stdout.splitlines()[1:]}
+    assert rows["local"].split()[1:] == ["local", "linux", "can", "run"]
+    assert rows["debian-12"].endswith(f"not run: {reasons.DOCKER_ENGINE}")
+    kinds = subprocess.run([sys.executable, "-m", "harness.targets", "--kinds", "--targets",
+                            "local,debian-12,debian-13"], capture_output=True, text=True,
+                           timeout=60, check=False, cwd=Path(__file__).resolve().parents[2])
+    assert kinds.stdout.split() == ["local", "docker"]
