@@ -259,6 +259,11 @@ def _define_domain(disk: Path, cdrom: dict[str, str]) -> None:
   </devices>
 </domain>
 """)
+    # libvirt's own schema first (virt-xml-validate ships with libvirt-clients, beside virsh).
+    if shutil.which("virt-xml-validate"):
+        valid = subprocess.run(["virt-xml-validate", str(xml), "domain"], capture_output=True,
+                               text=True, timeout=60, check=False)
+        assert valid.returncode == 0, valid.stdout + valid.stderr
     # One virsh session: the test driver's state lives only as long as its connection.
     res = subprocess.run(["virsh", "-c", uri, f"define {xml}; dumpxml {name}; undefine {name}"],
                          capture_output=True, text=True, timeout=60, check=False)
