@@ -20,8 +20,8 @@ Facts this driver relies on (measured on the project's CI machines; issue 4):
   hashicorp/vagrant#8468), and a boot under emulation can stall. A bounded
   retry (destroy, then up again) is cheaper than failing the target.
 - FreeBSD boxes are built here from the FreeBSD project's own VM images
-  (vagrant/box/freebsd.sh): Vagrant Cloud, where the public boxes lived, closed
-  at the end of 2026. A FreeBSD target names its image in targets.toml
+  (vagrant/box/freebsd.sh): Vagrant Cloud, where the public boxes lived, took no
+  new boxes after 2026-10-01 and is phased out by 2026-12-31. A FreeBSD target names its image in targets.toml
   (``[target.freebsd]``); the image and its CHECKSUM.SHA512 file are the user's
   download, looked for in ``IOMUX_IMAGES`` (default ~/.cache/iomux). A box the
   user already has is still taken through ``IOMUX_BOX_<TARGET>``.

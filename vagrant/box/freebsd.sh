@@ -145,9 +145,11 @@ if [[ $mode == --force || ! -s $(box_file libvirt) ]]; then
 instance-id: iomux-freebsd-$VERSION-$HASH
 local-hostname: iomux-freebsd$MAJOR
 EOF
-  # Keys documented in nuageinit(7) (FreeBSD 15.0, stable/14): users[].name,
+  # Keys documented in nuageinit(7) of freebsd-src main as of June 2025, before
+  # 15.0 branched (releng/14.4's copy was not checked here): users[].name,
   # gecos, groups, shell, ssh_authorized_keys, sudo; packages; ssh_pwauth;
-  # write_files. With "users" given and no "default" entry, the image's default
+  # write_files. An older nuageinit (14.3's is reported to ignore packages and
+  # write_files) would leave no sudo, and vagrant would stop at its first sudo. With "users" given and no "default" entry, the image's default
   # freebsd/freebsd password user is not created. sudo is not in the base system:
   # nuageinit installs it with pkg (nuageinit_post_net, after the network and
   # before sshd), then writes the sudo rule to sudoers.d. rsync is what vagrant's
