@@ -89,7 +89,7 @@ def figure(value: Any, limit: int = 60) -> str:
 
 
 def claim_rows(results: Dict[str, Any]) -> Tuple[List[Tuple[str, str]], List[str], Dict[Tuple[str, str], Dict[str, Any]]]:
-    """The claims table: rows (id, claim text), target columns, and (id, target) -> record.
+    """The kernel x claim grid: rows (id, claim text), target columns, and (id, target) -> record.
 
     Columns are every target in the order of ``results["targets"]`` (so a target
     that did not run shows as such), then any target named only by a claim; a
@@ -108,19 +108,160 @@ def claim_rows(results: Dict[str, Any]) -> Tuple[List[Tuple[str, str]], List[str
     return rows, columns, cells
 
 
-def claim_cell(record: Optional[Dict[str, Any]]) -> Tuple[str, str]:
-    """(verdict, text) of one claims cell; verdict is '' where nothing was recorded."""
+#: The grid's cells (iomux.probes.claims.CELLS), and how an older record's verdict maps to one.
+CELL_AGREES, CELL_EXPECTED, CELL_UNEXPECTED, CELL_NOT_RUN = (
+    "agrees", "expected difference", "unexpected difference", "not run")
+_LEGACY_CELL = {"agrees": CELL_AGREES, "differs": CELL_UNEXPECTED, "not measurable": CELL_NOT_RUN}
+
+
+def cell_of(record: Optional[Dict[str, Any]]) -> str:
+    """The grid cell of a claim record: agrees, expected/unexpected difference, or not run."""
     if record is None:
-        return "", "no record"
-    verdict = str(record.get("verdict", ""))
+        return CELL_NOT_RUN
+    cell = record.get("cell")
+    if cell in (CELL_AGREES, CELL_EXPECTED, CELL_UNEXPECTED, CELL_NOT_RUN):
+        return str(cell)
+    return _LEGACY_CELL.get(str(record.get("verdict")), CELL_NOT_RUN)
+
+
+def claim_cell(record: Optional[Dict[str, Any]]) -> Tuple[str, str]:
+    """(cell, text) of one grid cell; the cell is one of the four of ``cell_of``."""
+    cell = cell_of(record)
+    if record is None:
+        return cell, "not run: no record"
     observed = figure(record.get("observed"))
     why = record.get("why")
-    if verdict == "agrees":
-        return verdict, f"{observed} (agrees)"
-    if verdict == "differs":
-        text = f"{observed} (DIFFERS, expected {figure(record.get('expected'))})"
-        return verdict, f"{text}: {why}" if why else text
-    return verdict, f"not measurable: {why}" if why else "not measurable"
+    claim = record.get("claim_verdict")
+    suffix = f"; claim {claim}" if claim else ""
+    if cell == CELL_AGREES:
+        return cell, f"{observed} (agrees{suffix})"
+    if cell == CELL_EXPECTED:
+        return cell, f"{observed} (expected difference: {record.get('expected_reason') or '?'}{suffix})"
+    if cell == CELL_UNEXPECTED:
+        text = f"{observed} (UNEXPECTED, expected {figure(record.get('expected'))})"
+        return cell, f"{text}: {why}" if why else text
+    return cell, f"not run: {why}" if why else "not run"
+
+
+def column_kernel(results: Dict[str, Any], column: str) -> str:
+    """``gvisor 0.0~20221219.0-2+b3`` for a grid column: the kernel its records were judged as."""
+    for record in results.get("claims") or []:
+        if str(record.get("target")) == column and record.get("kernel"):
+            version = record.get("kernel_version")
+            return f"{record['kernel']} {version}" if version else str(record["kernel"])
+    for t in targets(results):
+        if str(t.get("name")) == column and t.get("kernel"):
+            return str(t.get("kernel"))
+    return ""
+
+
+def _picked(record: Dict[str, Any], labels: List[str]) -> Any:
+    observed = record.get("observed")
+    if not isinstance(observed, dict):
+        return observed
+    chosen = {k: v for k, v in observed.items() if k in labels}
+    return chosen or observed
+
+
+def differences(results: Dict[str, Any]) -> List[str]:
+    """One line per claim cell that differs from Linux, expected or not.
+
+    ``gvisor-2022 halfclose-events: <observed> (linux: <observed>)``, the
+    Linux figure from the first target judged as Linux whose cell agrees;
+    an unexpected difference is marked UNEXPECTED, an expected one gives its reason.
+    """
+    rows, columns, cells = claim_rows(results)
+    lines: List[str] = []
+    for cid, _ in rows:
+        reference = next((cells[(cid, c)] for c in columns if (cid, c) in cells
+                          and cells[(cid, c)].get("kernel") == "linux"
+                          and cell_of(cells[(cid, c)]) == CELL_AGREES), None)
+        for col in columns:
+            record = cells.get((cid, col))
+            cell = cell_of(record)
+            if record is None or cell not in (CELL_EXPECTED, CELL_UNEXPECTED):
+                continue
+            expected = record.get("expected")
+            labels = list(expected) if isinstance(expected, dict) else []
+            line = f"{col} {cid}: {figure(_picked(record, labels), 400)}"
+            if reference is not None:
+                line += f" (linux: {figure(_picked(reference, labels), 400)})"
+            if cell == CELL_UNEXPECTED:
+                line += f" UNEXPECTED: {record.get('why')}"
+            else:
+                line += f" [{record.get('expected_reason')}]"
+            lines.append(line)
+    return lines
+
+
+def _num(value: Any) -> Optional[float]:
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0:
+        return float(value)
+    return None
+
+
+def _slowdown_figures(target: Dict[str, Any]) -> Dict[str, float]:
+    """The figures of one target the slowdown is computed from (seconds; smaller is faster)."""
+    out: Dict[str, float] = {}
+    wait = probe_section(target, "wait_cost")
+    if wait is not None:
+        counts = wait.get("idle_counts")
+        backends = wait.get("backends")
+        if isinstance(counts, list) and isinstance(backends, dict):
+            for backend, n, label in (("epoll", 0, "epoll_wait, 1 fd"), ("poll", 1000, "poll, 1000 fds")):
+                series = backends.get(backend)
+                if n in counts and isinstance(series, list) and len(series) == len(counts):
+                    v = _num(series[counts.index(n)])
+                    if v is not None:
+                        out[label] = v
+    reg = probe_section(target, "registration")
+    if reg is not None and isinstance(reg.get("epoll"), dict):
+        v = _num(reg["epoll"].get("per_fd_s"))
+        if v is not None:
+            out["epoll_ctl per fd"] = v
+    probe = target.get("probe")
+    if isinstance(probe, dict):
+        v = _num(probe.get("probe_wall_s"))
+        if v is not None:
+            out["probe suite wall"] = v
+    return out
+
+
+def _test_durations(target: Dict[str, Any]) -> Dict[str, float]:
+    # Test ids carry the target's name ("test_behaviour_suite[debian-12]"):
+    # without it, the same test on two targets has the same key.
+    name = str(target.get("name"))
+    return {str(t.get("name")).replace(name, "*"): float(t["duration"])
+            for t in target.get("tests") or []
+            if t.get("suite") == "in-guest" and t.get("outcome") == "passed" and _num(t.get("duration"))}
+
+
+def slowdown(results: Dict[str, Any]) -> Tuple[Optional[str], List[Tuple[str, Dict[str, float]]]]:
+    """(host target name, [(target, figure -> slowdown against the host)]) for every other target.
+
+    The host is the first ``local`` target (the harness's own kernel); the
+    figures are what the suites already measure: the probes' wait and
+    registration timings, the probe suite's wall time, and the median ratio
+    of the durations of in-guest tests both ran ("in-guest tests"). None and
+    [] when there is no host target with figures.
+    """
+    host = next((t for t in targets(results) if t.get("kind") == "local"), None)
+    if host is None:
+        return None, []
+    base = _slowdown_figures(host)
+    base_tests = _test_durations(host)
+    out: List[Tuple[str, Dict[str, float]]] = []
+    for t in targets(results):
+        if t is host:
+            continue
+        mine = _slowdown_figures(t)
+        ratios = {k: round(v / base[k], 2) for k, v in mine.items() if k in base}
+        pairs = sorted(d / base_tests[k] for k, d in _test_durations(t).items() if k in base_tests)
+        if pairs:
+            ratios["in-guest tests (median)"] = round(pairs[len(pairs) // 2], 2)
+        if ratios:
+            out.append((str(t.get("name")), ratios))
+    return str(host.get("name")), out
 
 
 def probe_section(target: Dict[str, Any], name: str) -> Optional[Dict[str, Any]]:

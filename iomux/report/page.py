@@ -239,10 +239,7 @@ def _claims(results: Dict[str, Any]) -> str:
         for col in columns:
             record = cells.get((cid, col))
             cell = model.cell_of(record)
-            if record is None:
-                inner = "not run: no record"
-            else:
-                inner = _claim_details(record, cell)
+            inner = "not run: no record" if record is None else _claim_details(record, cell)
             tds.append(f'<td class="{_CELL_CLASS[cell]}">{inner}</td>')
         rows.append(f"<tr>{''.join(tds)}</tr>")
     legend = (

@@ -305,3 +305,56 @@ def _level_edge_plot(series: List[EdgeSeries]) -> Plot:
         "on that kernel."
     )
     return Plot("Level- against edge-triggered notifications", caption, _png(fig))
+
+
+def slowdown_plot(results: Dict[str, Any]) -> Tuple[Optional[Plot], List[str]]:
+    """The slowdown of each target against the host, per figure, as grouped bars (log scale).
+
+    Returns (the plot or None, notes); None with MATPLOTLIB_MISSING when
+    matplotlib is not installed, and None without a note when there is nothing
+    to compare (no host target, or no other target with figures).
+    """
+    host, slow = model.slowdown(results)
+    if not slow:
+        return None, []
+    try:
+        from matplotlib.figure import Figure  # noqa: F401  (probe for the import only)
+    except ImportError:
+        return None, [MATPLOTLIB_MISSING]
+    try:
+        return _slowdown_plot(str(host), slow), []
+    except Exception as exc:  # a plot must never cost the run its report
+        return None, [f"slowdown plot not drawn: {type(exc).__name__}: {exc}"]
+
+
+def _slowdown_plot(host: str, slow: List[Tuple[str, Dict[str, float]]]) -> Plot:
+    metrics = sorted({k for _, r in slow for k in r})
+    palette = ["#1f5fa8", "#e67e22", "#1e8449", "#8e44ad", "#c0392b", "#7f8c8d"]
+    width = 0.8 / max(len(metrics), 1)
+    fig = _figure(max(6.5, 1.1 * len(slow) * max(len(metrics), 1) * 0.45 + 2), 3.8)
+    ax = fig.subplots()
+    for i, metric in enumerate(metrics):
+        xs: List[float] = []
+        ys: List[float] = []
+        for x, (_, ratios) in enumerate(slow):
+            if metric in ratios:
+                xs.append(x + (i - (len(metrics) - 1) / 2) * width)
+                ys.append(ratios[metric])
+        ax.bar(xs, ys, width * 0.92, color=palette[i % len(palette)], label=metric)
+        for xp, yp in zip(xs, ys):
+            ax.text(xp, yp, f"{yp:.3g}", ha="center", va="bottom", fontsize=7)
+    ax.axhline(1.0, color="#555", linewidth=0.8, linestyle=":")
+    ax.set_yscale("log")
+    ax.set_xticks(range(len(slow)))
+    ax.set_xticklabels([name for name, _ in slow])
+    ax.set_ylabel(f"time / time on {host} (log)")
+    ax.grid(True, axis="y", alpha=0.3)
+    ax.set_axisbelow(True)
+    handles, labels = ax.get_legend_handles_labels()
+    _legend(fig, handles, labels)
+    caption = (f"How much slower each target is than the host ({host}) on figures the suites "
+               "already measure: one epoll_wait with one ready fd and a poll over 1,000 fds "
+               "(wait_cost probe), one epoll_ctl (registration probe), the whole probe suite's "
+               "wall time, and the median ratio of the in-guest tests both ran. The dotted line "
+               "is 1x.")
+    return Plot("Slowdown against the host", caption, _png(fig))

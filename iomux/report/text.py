@@ -153,6 +153,40 @@ def failed_tests(results: Dict[str, Any]) -> List[str]:
     return lines
 
 
+def claims_md(results: Dict[str, Any]) -> List[str]:
+    """The claims part of summary.md: the kernel x claim grid, the differences from Linux, the slowdown."""
+    claim_ids, columns, cells = model.claim_rows(results)
+    lines = ["", "## Claims: kernel x claim", ""]
+    lines.append(
+        "Each cell: the figure this target observed and how it stands against its kernel's "
+        "expectation: agrees (the expectation is Linux's), expected difference (a written, "
+        "reasoned expectation that differs from Linux's), UNEXPECTED (contradicts the "
+        "expectation), or not run (with why). \"claim\" says whether the write-up's claim "
+        "holds there."
+    )
+    lines.append("")
+    header = ["claim", *[f"{c} ({model.column_kernel(results, c)})" if model.column_kernel(results, c)
+                         else c for c in columns]]
+    rows = []
+    for cid, text in claim_ids:
+        row = [f"{cid}: {text}" if text else cid]
+        row += [model.claim_cell(cells.get((cid, col)))[1] for col in columns]
+        rows.append(row)
+    lines += _md_table(header, rows)
+    diffs = model.differences(results)
+    lines += ["", "## Differences from Linux", ""]
+    lines += [f"- {_md(d)}" for d in diffs] or ["- none"]
+    host, slow = model.slowdown(results)
+    if slow:
+        lines += ["", f"## Slowdown against the host ({host})", ""]
+        lines.append("Each figure: the target's time over the host's for the same measurement "
+                     "(1.0 = as fast as the host).")
+        lines.append("")
+        for name, ratios in slow:
+            lines.append(f"- {name}: " + ", ".join(f"{k} {v:g}x" for k, v in ratios.items()))
+    return lines
+
+
 def summary_md(results: Dict[str, Any]) -> str:
     """The whole summary.md of a run: matrix, timings, claims and failed tests."""
     lines = [f"# iomux run {results.get('run_id', '?')}", ""]
@@ -171,19 +205,7 @@ def summary_md(results: Dict[str, Any]) -> str:
     lines += _md_table(["target", *model.PHASES, "total"], timings_rows(results))
 
     if results.get("claims"):
-        claim_ids, columns, cells = model.claim_rows(results)
-        lines += ["", "## Claims", ""]
-        lines.append(
-            "Each cell: the figure this target observed, and whether it agrees with the "
-            "claim's expectation for its OS family, differs from it, or could not be measured there."
-        )
-        lines.append("")
-        rows = []
-        for cid, text in claim_ids:
-            row = [f"{cid}: {text}" if text else cid]
-            row += [model.claim_cell(cells.get((cid, col)))[1] for col in columns]
-            rows.append(row)
-        lines += _md_table(["claim", *columns], rows)
+        lines += claims_md(results)
 
     failed = failed_tests(results)
     if failed:

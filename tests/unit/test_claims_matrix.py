@@ -232,3 +232,91 @@ def test_records_match_the_results_schema() -> None:
                                       kernel="gvisor" if "gvisor" in name else "linux",
                                       kernel_version=version):
             jsonschema.validate(record, claim_schema)
+
+
+# -- the report: grid, differences, slowdown ---------------------------------------
+
+def _results() -> Dict[str, Any]:
+    def target(name: str, kind: str, recording: str, kernel: str, version: str,
+               test_s: float) -> Dict[str, Any]:
+        doc = _recorded(recording)
+        doc["probe_wall_s"] = 10.0 if kind == "local" else 20.0
+        return {"name": name, "kind": kind, "status": "passed", "reason": None, "os": "linux",
+                "kernel": doc.get("kernel"), "python": "3.11", "backends": ["epoll"],
+                "suites": {"in-guest": {"passed": 1, "failed": 0, "skipped": 0}},
+                "tests": [{"suite": "in-guest", "name": f"test_in_guest.py::test_behaviour_suite[{name}]",
+                           "outcome": "passed", "duration": test_s}],
+                "timings": {"build": 0.0, "start": 0.1, "healthy": 0.1, "test": 1.0, "destroy": 0.1},
+                "probe": doc, "_kernel": (kernel, version)}
+    tlist = [target("local", "local", "linux-6.18-host", "linux", "6.18.44", 10.0),
+             target("gvisor-2022", "gvisor", "gvisor-20221219", "gvisor", GVISOR_2022, 40.0)]
+    records: List[Dict[str, Any]] = []
+    for t in tlist:
+        kernel, version = t.pop("_kernel")
+        records += claims.evaluate(t["name"], "linux", t["probe"], kernel=kernel,
+                                   kernel_version=version)
+    return {"run_id": "r1", "started": "2026-12-01T20:00:00+00:00",
+            "finished": "2026-12-01T20:01:00+00:00", "host": {}, "targets": tlist, "claims": records}
+
+
+def test_summary_lists_every_difference_from_linux_on_one_line() -> None:
+    from iomux.report import model, text
+
+    results = _results()
+    md = text.summary_md(results)
+    diffs = model.differences(results)
+    expected = [r for r in results["claims"] if r["cell"] == claims.CELL_EXPECTED]
+    assert len(diffs) == len(expected) >= 8
+    half = next(d for d in diffs if d.startswith("gvisor-2022 halfclose-events: "))
+    assert "'EPOLLIN'" not in half and "[EPOLLIN]" in half
+    assert "(linux: halfclose.epoll.events=[EPOLLIN, EPOLLRDHUP]" in half
+    for line in diffs:
+        assert f"- {line}"[:60] in md
+    assert "## Differences from Linux" in md and "## Slowdown against the host (local)" in md
+
+
+def test_report_grid_cells_are_coloured_and_open_to_their_figures(tmp_path: Path) -> None:
+    from iomux.report import model, page, write
+
+    results = _results()
+    write.write_run(tmp_path, results)
+    html = (tmp_path / "report.html").read_text()
+    grid = page._claims(results)
+    assert grid.count('<td class="cell-expected">') == len(model.differences(results))
+    assert '<td class="cell-agrees">' in grid and '<td class="cell-notrun">' in grid
+    assert "<details><summary>expected difference</summary>" in grid
+    assert "why it differs from Linux" in grid and "the write-up&#x27;s claim" in grid
+    assert "Slowdown against the host" in html
+    host, slow = model.slowdown(results)
+    assert host == "local" and slow[0][0] == "gvisor-2022"
+    assert slow[0][1]["in-guest tests (median)"] == 4.0
+    assert slow[0][1]["probe suite wall"] == 2.0
+    assert slow[0][1]["epoll_wait, 1 fd"] > 1.0
+
+
+def test_an_unexpected_difference_is_red_in_the_grid() -> None:
+    from iomux.report import page
+
+    results = _results()
+    records = claims.evaluate("gvisor-2022", "linux", _contradicting(), kernel="gvisor",
+                              kernel_version=GVISOR_2022)
+    results["claims"] = [r for r in results["claims"] if r["target"] != "gvisor-2022"] + records
+    grid = page._claims(results)
+    assert grid.count('<td class="cell-unexpected">') == 1
+    assert "<summary>UNEXPECTED</summary>" in grid
+
+
+def test_merge_keeps_the_new_record_fields(tmp_path: Path) -> None:
+    from iomux.report import merge_main
+
+    a, b = _results(), _results()
+    b["run_id"] = "r2"
+    pa, pb = tmp_path / "a.json", tmp_path / "b.json"
+    pa.write_text(json.dumps(a))
+    pb.write_text(json.dumps(b))
+    out = tmp_path / "m.json"
+    assert merge_main([str(pa), str(pb)], str(out)) == 0
+    merged = json.loads(out.read_text())
+    cells = {(r["target"], r["id"]): r["cell"] for r in merged["claims"]}
+    assert cells[("gvisor-2022@r2", "halfclose-events")] == claims.CELL_EXPECTED
+    assert "Differences from Linux" in (tmp_path / "summary.md").read_text()

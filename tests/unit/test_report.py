@@ -207,8 +207,9 @@ def test_summary_md_has_matrix_reasons_counts_and_claims(tmp_path: Path) -> None
     assert "## Claims" in md
     claim_row = next(line for line in md.splitlines() if line.startswith("| level-edge"))
     assert "(agrees)" in claim_row
-    assert "DIFFERS, expected epoll=3, epoll-et=1" in claim_row
-    assert "not measurable: target did not run" in md
+    # Records without a "cell" (before issue 14): differs reads as an unexpected difference.
+    assert "UNEXPECTED, expected epoll=3, epoll-et=1" in claim_row
+    assert "not run: target did not run" in md
     assert "debian-13: black-box: test_half_close[0] (failed)" in md
 
 
@@ -271,7 +272,7 @@ def test_report_html_is_self_contained_with_plots(tmp_path: Path) -> None:
     assert "Wait cost against idle fds" in html and "Level- against edge-triggered" in html
     # The matrix, the claims and the per-target test lists (collapsible).
     assert "not run: vagrant executable was not found on PATH" in html
-    assert 'class="differs"' in html and 'class="agrees"' in html
+    assert 'class="cell-unexpected"' in html and 'class="cell-agrees"' in html
     assert html.count("<details") >= 3
     assert "test_half_close[0]" in html
     assert 'href="junit.xml"' not in html
