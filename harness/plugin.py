@@ -739,7 +739,11 @@ def pytest_unconfigure(config: pytest.Config) -> None:
         if handler is not None:  # None: a handler set outside Python, not ours to restore
             signal.signal(signum, handler)
     if harness.out is not None:
-        with contextlib.suppress(OSError):
+        with contextlib.suppress(OSError, ValueError):
+            html = harness.run_dir / "report.html"
+            if not harness.is_worker and html.exists():
+                # The last line of the run, after pytest's own summary: where to look.
+                harness.out.write(f"[iomux] report: {html}\n")
             harness.out.close()
     _CURRENT.clear()
 

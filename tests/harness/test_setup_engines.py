@@ -153,3 +153,25 @@ def test_make_runs_stop_when_the_tests_fail(machine: dict[str, Path], tmp_path: 
     assert "[setup] starting dockerd" in proc.stdout
     assert "[setup] stopping dockerd" in proc.stdout, proc.stdout + proc.stderr
     assert not machine["up"].exists()
+
+
+def test_make_test_all_os_as_a_user_who_may_not_install(machine: dict[str, Path],
+                                                        tmp_path: Path) -> None:
+    # The README's main command where nothing may be installed: it changes nothing,
+    # runs what it can (local), says in one line why the rest did not run, exits 0.
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")},
+           "PATH": str(machine["bin"]),  # not TMPDIR: the local servers run as nobody
+           "DOCKER_HOST": f"unix://{tmp_path}/no-docker.sock"}
+    proc = subprocess.run(
+        ["make", "-o", ".venv/.installed", "test-all-os", "TARGETS=local,debian-12",
+         f"PYTEST_ARGS=-p no:cacheprovider --reports-dir {tmp_path}/reports "
+         "-k 'round_trip or probe'"],
+        cwd=REPO, capture_output=True, text=True, timeout=600, env=env, check=False)
+    out = proc.stdout
+    assert proc.returncode == 0, out[-3000:] + proc.stderr[-2000:]
+    assert "apt-get" not in calls(machine) and "dockerd" not in calls(machine)
+    assert "[setup] changed nothing (not root and no passwordless sudo)" in out
+    assert "debian-12: not run: no Docker engine (install docker.io and start dockerd" in out
+    table = out.split("iomux targets", 1)[1].split("short test summary", 1)[0]
+    assert all(len(line) <= 120 for line in table.splitlines()), table
+    assert out.rstrip().splitlines()[-1].endswith("report.html")
