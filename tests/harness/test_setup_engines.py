@@ -175,3 +175,35 @@ def test_make_test_all_os_as_a_user_who_may_not_install(machine: dict[str, Path]
     table = out.split("iomux targets", 1)[1].split("short test summary", 1)[0]
     assert all(len(line) <= 120 for line in table.splitlines()), table
     assert out.rstrip().splitlines()[-1].endswith("report.html")
+
+
+def test_make_runs_stop_on_ctrl_c(machine: dict[str, Path], tmp_path: Path) -> None:
+    # Ctrl-C while the tests run: SIGINT to the whole process group, as a terminal sends it.
+    import signal
+    import time
+
+    machine["uid"].write_text("0\n")
+    fake = tmp_path / "python"
+    fake.write_text("#!/bin/bash\ncase \"$*\" in *--kinds*) echo docker;; *--count*) echo 1;;"
+                    f" *) touch {tmp_path}/testing; exec sleep 60;; esac\n")
+    fake.chmod(0o755)
+    env = {**os.environ, "PATH": f"{machine['bin']}", "IOMUX_SETUP_LOG_DIR": str(tmp_path),
+           "IOMUX_SETUP_WAIT": "10", "TMPDIR": str(tmp_path)}
+    proc = subprocess.Popen(["make", "-o", ".venv/.installed", "test-all-os", f"PY={fake}"],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env=env, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not (tmp_path / "testing").exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert (tmp_path / "testing").exists()
+        os.killpg(proc.pid, signal.SIGINT)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert "[setup] starting dockerd" in out
+    assert "[setup] stopping dockerd" in out, out
+    assert not machine["up"].exists()
+    assert list(tmp_path.glob("iomux-setup.*")) == []  # the state file went with it
