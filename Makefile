@@ -48,7 +48,7 @@ typecheck: $(STAMP)
 actionlint: $(STAMP)
 	$(VENV)/bin/actionlint .github/workflows/*.yml
 
-check: lint typecheck actionlint
+check: lint typecheck actionlint ; @command -v shellcheck >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq --no-install-recommends shellcheck >/dev/null; }; shellcheck vagrant/*.sh
 
 # The host-only tests: the server on every backend this kernel has, its fault suite, the pieces, the harness.
 unit: $(STAMP)
