@@ -18,6 +18,7 @@ KINDS: Dict[str, str] = {
     "local": "harness.drivers.local",
     "docker": "harness.drivers.docker",
     "vagrant": "harness.drivers.vagrant",
+    "gvisor": "harness.drivers.gvisor",
 }
 
 _cache: Dict[str, Driver] = {}

@@ -7,6 +7,7 @@ rather than failing for want of the ``target`` fixtures.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -21,6 +22,38 @@ def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool 
 # pytest-testinfra's own plugin also defines a ``host`` fixture (parametrised by
 # its --hosts option) and, being loaded after ``-p harness.plugin``, would win;
 # a conftest fixture is closer to the tests than either plugin, so this one does.
-from harness.plugin import host  # noqa: E402
+from harness.plugin import RunningTarget  # noqa: E402
 
-__all__ = ["host", "pytest_ignore_collect"]
+
+@pytest.fixture(scope="session")
+def host(running_target: RunningTarget) -> Any:
+    """The pytest-testinfra host of the target (harness.plugin's ``host``), or "not
+    run: <why>" for a target the host cannot reach. Session-scoped, so it is set
+    up before any function-scoped fixture: the check cannot wait for one."""
+    why = running_target.instance.data.get("unreachable")
+    if why:
+        pytest.skip(f"not run: {why}")
+    import testinfra
+    spec, kwargs = running_target.driver.testinfra_spec(running_target.instance)
+    return testinfra.get_host(spec, **kwargs)
+
+
+#: Suites that reach the target from this host (its published ports, testinfra).
+FROM_HOST_SUITES = ("black-box", "host")
+
+
+@pytest.fixture(autouse=True)
+def _reachable_from_host(request: pytest.FixtureRequest) -> None:
+    """A from-the-host suite is "not run: <why>" on a target the host cannot reach
+    (a driver says why in ``instance.data["unreachable"]``: gvisor, uml)."""
+    marker = request.node.get_closest_marker("suite")
+    if marker is None or not marker.args or marker.args[0] not in FROM_HOST_SUITES:
+        return
+    if "running_target" not in request.fixturenames:
+        return
+    why = request.getfixturevalue("running_target").instance.data.get("unreachable")
+    if why:
+        pytest.skip(f"not run: {why}")
+
+
+__all__ = ["FROM_HOST_SUITES", "host", "pytest_ignore_collect"]

@@ -1,0 +1,304 @@
+"""What the ``gvisor`` and ``uml`` kinds share: the kernel binaries Debian ships,
+and one Debian 12 root filesystem for both, so that the kernel is the only thing
+that changes between ``debian-12`` (docker) and these targets.
+
+The binaries (scripts/fetch-kernels.sh puts them there):
+
+- Debian 12's builds are installed packages: ``/usr/bin/runsc``,
+  ``/usr/bin/linux.uml``, pinned by the version dpkg reports.
+- Debian 13's builds are .deb files unpacked under ``KERNELS_DIR``
+  (``<package>-<version>/usr/bin/...``), never installed over the host's.
+  Debian 13's ``linux.uml`` is linked against glibc 2.38+ and this host has
+  2.36, so it runs under Debian 13's own dynamic loader, unpacked beside it
+  (``ld-linux-x86-64.so.2 --library-path <libc6>/usr/lib/x86_64-linux-gnu``).
+
+The root filesystem is the built ``debian-12`` image (harness/images.py, through
+the docker driver), exported once with ``docker create`` + ``docker export`` and
+unpacked under ``ROOTFS_DIR/<target>-<image id>/``: cached by the image's content,
+so a changed image (new iomux, new tests) gives a new tree. Both kinds use it
+read-only; each instance writes only to its own tmpfs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+from harness.drivers.base import LABEL_PROJECT, PROJECT, Target, TargetError
+
+KERNELS_DIR = Path(os.environ.get("IOMUX_KERNELS_DIR", "/var/cache/iomux/kernels"))
+ROOTFS_DIR = Path(os.environ.get("IOMUX_ROOTFS_DIR", "/var/cache/iomux/rootfs"))
+#: The docker target whose image is the userland of every gvisor/uml target.
+DEFAULT_USERLAND = "debian-12"
+FETCH_HINT = "run scripts/fetch-kernels.sh install"
+#: Paths of the executable inside each package.
+EXECUTABLES: Mapping[str, str] = {"runsc": "usr/bin/runsc", "user-mode-linux": "usr/bin/linux.uml"}
+LIBC_DIR = "usr/lib/x86_64-linux-gnu"
+#: The image's ENV (PATH with the venv, HOME=/tmp, ...), saved beside the tree.
+IMAGE_ENV = ".image-env.json"
+#: An export unused this long after a newer one exists is removed.
+SUPERSEDED_AFTER_S = 900.0
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelBinary:
+    """One pinned build of runsc or linux.uml, as a target declares it."""
+
+    package: str
+    version: str
+    #: "bookworm" (an installed package) or "trixie" (an unpacked .deb)
+    suite: str
+    #: the libc6 version whose loader runs it ("" for the host's own)
+    libc6: str = ""
+
+    @property
+    def path(self) -> Path:
+        """Where the executable is."""
+        rel = EXECUTABLES[self.package]
+        if self.suite == "bookworm":
+            return Path("/") / rel
+        return KERNELS_DIR / f"{self.package}-{self.version}" / rel
+
+    def argv0(self) -> list[str]:
+        """The words that run it: the path, or Debian 13's loader and the path."""
+        if not self.libc6:
+            return [str(self.path)]
+        libs = KERNELS_DIR / f"libc6-{self.libc6}" / LIBC_DIR
+        return [str(libs / "ld-linux-x86-64.so.2"), "--library-path", str(libs), str(self.path)]
+
+    def missing_reason(self) -> str | None:
+        """Why this build cannot run here (one line with the fix), or None."""
+        if self.suite == "bookworm":
+            installed = _dpkg_version(self.package)
+            if installed != self.version:
+                now = f"{installed} is installed" if installed else "not installed"
+                return f"{self.package} {self.version} {now} ({FETCH_HINT})"
+        elif not (self.path.parent.parents[1] / ".unpacked").is_file():
+            return f"{self.package} {self.version} not fetched ({FETCH_HINT})"
+        if self.libc6 and not (KERNELS_DIR / f"libc6-{self.libc6}" / ".unpacked").is_file():
+            return f"libc6 {self.libc6} (loader of {self.package}) not fetched ({FETCH_HINT})"
+        if not os.access(self.path, os.X_OK):
+            return f"{self.path} is not executable ({FETCH_HINT})"
+        return None
+
+    def facts(self) -> dict[str, Any]:
+        """Version and SHA-256 of the binary that runs, for the report."""
+        facts = {"package": self.package, "version": self.version, "suite": self.suite,
+                 "binary": str(self.path), "sha256": sha256_of(str(self.path))}
+        if self.libc6:
+            facts["loader_libc6"] = self.libc6
+        return facts
+
+
+def kernel_binary(target: Target) -> KernelBinary:
+    """The build ``target`` declares: ``[target.kernel_build]`` in targets.toml."""
+    build = target.options.get("kernel_build")
+    if not isinstance(build, Mapping) or not all(
+            isinstance(build.get(k), str) for k in ("package", "version", "suite")):
+        raise TargetError(f"{target.name}: targets.toml needs [target.kernel_build] with "
+                          f"package, version and suite")
+    if build["package"] not in EXECUTABLES or build["suite"] not in ("bookworm", "trixie"):
+        raise TargetError(f"{target.name}: unknown kernel build {dict(build)}")
+    return KernelBinary(str(build["package"]), str(build["version"]), str(build["suite"]),
+                        str(build.get("libc6", "")))
+
+
+def _dpkg_version(package: str) -> str:
+    try:
+        proc = subprocess.run(["dpkg-query", "-W", "-f=${Status} ${Version}", package],
+                              capture_output=True, text=True, timeout=30, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    words = proc.stdout.split()
+    return words[3] if proc.returncode == 0 and len(words) == 4 and words[2] == "installed" else ""
+
+
+@functools.cache
+def sha256_of(path: str) -> str:
+    """The SHA-256 of a file, read once per process."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def userland_target(target: Target) -> Target:
+    """The docker target (targets.toml) whose image is ``target``'s userland."""
+    from harness import targets as targets_mod
+
+    name = str(target.options.get("userland", DEFAULT_USERLAND))
+    for declared in targets_mod.load(targets_mod.DEFAULT_PATH):
+        if declared.name == name and declared.kind == "docker":
+            return declared
+    raise TargetError(f"{target.name}: userland {name!r} is not a docker target in targets.toml")
+
+
+def userland_unavailable_reason(target: Target) -> str | None:
+    """Why the userland image cannot be had here (no Docker engine, no base), or None."""
+    from harness.drivers import get_driver
+
+    docker = get_driver("docker")
+    reason = docker.unavailable_reason()
+    if reason is None:
+        reason = docker.target_unavailable_reason(userland_target(target))
+    return f"the Debian 12 userland needs docker: {reason}" if reason else None
+
+
+def ensure_rootfs(target: Target, timeout: float) -> tuple[Path, dict[str, Any]]:
+    """Build (or find) the userland image and its exported tree; return the tree
+    and the build facts (``cached``, ``seconds``, image, rootfs)."""
+    from harness.drivers import get_driver
+    from harness.drivers.docker import LABEL_OWNER, DockerDriver, owner_label, remove_container
+    from harness.images import file_lock
+
+    started = time.monotonic()
+    docker = get_driver("docker")
+    assert isinstance(docker, DockerDriver)
+    userland = userland_target(target)
+    facts = docker.build(userland, timeout)
+    image_id = str(facts["image_id"]).split(":")[-1]
+    dest = ROOTFS_DIR / f"{userland.name}-{image_id[:16]}"
+    cached = (dest / ".exported").is_file()
+    if cached:
+        os.utime(dest)  # in use: not superseded for another SUPERSEDED_AFTER_S
+    if not cached:
+        with file_lock(f"rootfs-{userland.name}"):
+            if not (dest / ".exported").is_file():
+                client = docker.client(userland)
+                container = client.containers.create(
+                    facts["image_id"], command=["true"],
+                    labels={LABEL_PROJECT: PROJECT, LABEL_OWNER: owner_label()})
+                tmp = dest.with_name(dest.name + ".tmp")
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir(parents=True)
+                try:
+                    _untar(container.export(), tmp, max(10.0, timeout - (time.monotonic()
+                                                                          - started)))
+                finally:
+                    remove_container(container)
+                env = client.images.get(facts["image_id"]).attrs["Config"].get("Env") or []
+                (tmp / IMAGE_ENV).write_text(json.dumps(env) + "\n")
+                (tmp / ".exported").write_text(f"{facts['image_id']}\n")
+                shutil.rmtree(dest, ignore_errors=True)
+                tmp.rename(dest)
+                _remove_superseded(dest)
+    return dest, {"cached": bool(cached and facts.get("cached")),
+                  "seconds": round(time.monotonic() - started, 3),
+                  "image": facts.get("image"), "image_id": facts.get("image_id"),
+                  "rootfs": str(dest), "rootfs_cached": cached}
+
+
+def _remove_superseded(current: Path) -> None:
+    """Remove older exports of the same userland that no instance has used for
+    SUPERSEDED_AFTER_S (a concurrent run on an older image may still use one)."""
+    prefix = current.name.rsplit("-", 1)[0] + "-"
+    cutoff = time.time() - SUPERSEDED_AFTER_S
+    for sibling in current.parent.glob(prefix + "*"):
+        if sibling != current and sibling.stat().st_mtime < cutoff:
+            shutil.rmtree(sibling, ignore_errors=True)
+
+
+def _untar(stream: Any, dest: Path, timeout: float) -> None:
+    """Unpack a ``docker export`` stream with tar(1): owners, modes and links kept."""
+    deadline = time.monotonic() + timeout
+    with subprocess.Popen(["tar", "-x", "--numeric-owner", "-f", "-", "-C", str(dest)],
+                          stdin=subprocess.PIPE, stderr=subprocess.PIPE) as tar:
+        assert tar.stdin is not None
+        try:
+            for chunk in stream:
+                tar.stdin.write(chunk)
+                if time.monotonic() > deadline:
+                    tar.kill()
+                    raise TargetError(f"build: docker export timed out after {timeout:g}s")
+            tar.stdin.close()
+            err = tar.stderr.read().decode(errors="replace") if tar.stderr else ""
+        except BrokenPipeError:
+            err = tar.stderr.read().decode(errors="replace") if tar.stderr else ""
+        if tar.wait() != 0:
+            raise TargetError(f"build: unpacking the exported root filesystem failed: "
+                              f"{err.strip().splitlines()[-1] if err.strip() else tar.returncode}")
+
+
+def image_env(rootfs: Path) -> list[str]:
+    """The userland image's ENV as ``NAME=VALUE`` words (docker/Dockerfile's ENV)."""
+    words = json.loads((rootfs / IMAGE_ENV).read_text())
+    return [str(w) for w in words]
+
+
+# -- per-instance state on the host, and what sweep() finds of it ---------------
+
+#: Each instance's private directory (runsc's --root, the bundle, UML's scratch):
+#: ``<STATE_BASE>/<kind>/<instance name>/``, with an ``owner`` file that says
+#: which run and which harness process made it.
+STATE_BASE = Path(os.environ.get("IOMUX_KERNEL_STATE_DIR", "/tmp/iomux-kernels"))
+
+
+def new_instance_dir(kind: str, name: str, run_id: str) -> Path:
+    """Make the instance's private directory and record its owner."""
+    from harness.drivers.docker import owner_label
+
+    path = STATE_BASE / kind / name
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+    (path / "owner").write_text(json.dumps({"run": run_id, "owner": owner_label()}) + "\n")
+    return path
+
+
+def doomed_dirs(kind: str, run_id: str | None) -> list[Path]:
+    """Instance directories to sweep: all of ``run_id``'s, or (without one) those
+    whose owner process is provably gone."""
+    from harness.drivers.docker import owner_alive
+
+    found = []
+    base = STATE_BASE / kind
+    for path in sorted(base.iterdir()) if base.is_dir() else []:
+        try:
+            owner = json.loads((path / "owner").read_text())
+        except (OSError, ValueError):
+            owner = {}
+        if run_id is not None:
+            if owner.get("run") == run_id:
+                found.append(path)
+        elif not owner_alive(str(owner.get("owner", ""))):
+            found.append(path)
+    return found
+
+
+def marked_pids(marker: str) -> list[int]:
+    """Host processes whose command line or environment contains ``marker``."""
+    pids = []
+    needle = marker.encode()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if needle in (entry / "cmdline").read_bytes() or \
+                    needle in (entry / "environ").read_bytes():
+                pids.append(int(entry.name))
+        except OSError:
+            continue  # gone, or a kernel thread
+    return pids
+
+
+def kill_marked(marker: str, settle: float = 5.0) -> list[int]:
+    """SIGKILL every process marked with ``marker``; wait until they are gone."""
+    import signal
+
+    killed = marked_pids(marker)
+    for pid in killed:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + settle
+    while marked_pids(marker) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return killed
