@@ -19,6 +19,7 @@ KINDS: Dict[str, str] = {
     "docker": "harness.drivers.docker",
     "vagrant": "harness.drivers.vagrant",
     "gvisor": "harness.drivers.gvisor",
+    "uml": "harness.drivers.uml",
 }
 
 _cache: Dict[str, Driver] = {}
