@@ -131,6 +131,7 @@ Restart=on-failure
 [Install]
 WantedBy=multi-user.target"
     if [ "$(cat "$unit" 2>/dev/null || true)" != "$body" ]; then
+        mkdir -p "${unit%/*}"
         printf '%s\n' "$body" >"$unit"; systemctl daemon-reload; changed=$((changed + 1)); restart=1
     fi
     mkdir -p "$ROOT/etc/iomux"
@@ -160,6 +161,14 @@ WantedBy=multi-user.target"
         systemctl enable --quiet $todo 2>/dev/null || true
         # shellcheck disable=SC2086
         systemctl restart $todo
+        # A simple unit is "started" once forked, not once listening.
+        ports=""
+        for pair in $pairs; do ports="$ports ${pair##*:}"; done
+        # shellcheck disable=SC2086 # one word per port
+        if ! down=$(listening $ports); then
+            echo "iomux-provision: error: nothing listens on guest port $down within $((WAIT_TENTHS / 10)) s" >&2
+            exit 1
+        fi
         changed=$((changed + 1))
     fi
 else

@@ -13,7 +13,9 @@ stubs that stand for FreeBSD's:
   did, as a server draining under emulation does.
 
 The servers are real iomux servers, installed by the script into a directory
-standing for / (IOMUX_PROVISION_ROOT) and listening on 127.0.0.1.
+standing for / (IOMUX_PROVISION_ROOT) and listening on 127.0.0.1. Debian's
+path gets one run pair too, against a ``systemctl`` stub that starts the
+units' servers detached.
 """
 
 from __future__ import annotations
@@ -104,6 +106,42 @@ os.unlink(pidfile)
 """
 
 
+# systemctl as the script uses it, for Debian's path: units are
+# iomux-echo@BACKEND.service, each server started detached with the PORT of its
+# env file, its pid kept where the stub can find it again.
+STUB_SYSTEMCTL = """#!/bin/sh
+echo "systemctl $*" >>"$STUB_LOG"
+run=$IOMUX_PROVISION_ROOT/run/stub-systemd
+mkdir -p "$run"
+cmd=$1; shift
+case $cmd in
+daemon-reload) ;;
+enable) ;;
+is-active)
+    status=0
+    for unit in "$@"; do
+        if [ -s "$run/$unit" ] && kill -0 "$(cat "$run/$unit")" 2>/dev/null; then echo active
+        else echo inactive; status=3; fi
+    done
+    exit $status ;;
+restart)
+    for unit in "$@"; do
+        backend=${unit#iomux-echo@}; backend=${backend%.service}
+        if [ -s "$run/$unit" ]; then
+            kill "$(cat "$run/$unit")" 2>/dev/null || true
+            while kill -0 "$(cat "$run/$unit")" 2>/dev/null; do sleep 0.1; done
+        fi
+        . "$IOMUX_PROVISION_ROOT/etc/iomux/echo-$backend.env"
+        "$STUB_PYTHON" -c 'import os, sys; os.setsid(); os.execv(sys.argv[1], sys.argv[1:])' \\
+            "$IOMUX_PROVISION_ROOT/usr/local/bin/iomux" serve --backend "$backend" --host 127.0.0.1 \\
+            --port "$PORT" --quiet </dev/null >/dev/null 2>>"$STUB_LOG" &
+        echo $! >"$run/$unit"
+    done ;;
+*) echo "systemctl stub: $cmd?" >&2; exit 1 ;;
+esac
+"""
+
+
 @dataclass
 class Guest:
     """One stand-in FreeBSD guest: its PATH, its / and its servers' ports."""
@@ -164,9 +202,9 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _stop_daemons(run_dir: Path) -> None:
+def _stop_daemons(run_dir: Path, pattern: str = "*.pid") -> None:
     pids = []
-    for pidfile in run_dir.glob("*.pid"):
+    for pidfile in run_dir.glob(pattern):
         try:
             pids.append(int(pidfile.read_text()))
         except (OSError, ValueError):
@@ -267,6 +305,29 @@ def test_a_server_that_never_listens_is_an_error_not_a_change(guest: Guest) -> N
     assert "changed=" not in proc.stdout
     assert proc.stderr.strip().splitlines()[-1] == (
         f"iomux-provision: error: nothing listens on guest port {guest.ports[0]} within 2 s")
+
+
+def test_debian_path_second_run_changes_nothing(guest: Guest) -> None:
+    # Debian's branch: systemctl on the PATH (and the Linux uname).
+    bin_dir = Path(guest.env["STUB_BIN"])
+    (bin_dir / "uname").unlink()
+    (bin_dir / "systemctl").write_text(STUB_SYSTEMCTL)
+    (bin_dir / "systemctl").chmod(0o755)
+    (bin_dir / "python3").write_text(f"#!/bin/sh\nexec {sys.executable} \"$@\"\n")
+    (bin_dir / "python3").chmod(0o755)
+    run_dir = Path(guest.env["IOMUX_PROVISION_ROOT"]) / "run" / "stub-systemd"
+    try:
+        status, first, err = guest.provision()
+        assert status == 0, err
+        assert not first.startswith("iomux-provision: changed=0 "), first
+        assert all(_echoes(port) for port in guest.ports)
+        status, second, err = guest.provision()
+        assert status == 0, err
+        assert second.startswith("iomux-provision: changed=0 "), (second, guest.log())
+        assert "pkg" not in guest.log()
+        assert all(_echoes(port) for port in guest.ports)
+    finally:
+        _stop_daemons(run_dir, "*.service")
 
 
 def test_vagrant_scripts_pass_shellcheck() -> None:
