@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.procs import Server, run_delay_seconds, tree_cpu_seconds, tree_run_delay_seconds
+from bench.procs import Server, run_delay_seconds, tree_cpu_times, tree_run_delay_seconds
 
 REPO = Path(__file__).resolve().parent.parent
 WARMUP_S = 0.5
@@ -62,11 +62,12 @@ def measure(
 ) -> dict[str, object]:
     """One closed-loop run; returns the client's report plus the server's CPU over the window.
 
-    Added keys: ``server_cpu_s``, ``window_s`` (wall time the CPU was read over),
+    Added keys: ``server_cpu_s`` (``server_user_s`` + ``server_sys_s``), ``window_s`` (wall time the CPU was read over),
     ``server_cpu_util`` (share of one CPU), ``client_cpu_util``,
     ``server_wait_share`` and ``client_wait_share`` (run-queue wait over the
     window: the CPU other processes took from them, i.e. the noise),
-    ``cpu_per_req_us`` (server CPU microseconds per request), and ``error``
+    ``cpu_per_req_us`` (server CPU microseconds per request; ``user_per_req_us``
+    and ``sys_per_req_us`` its user and kernel parts), and ``error``
     (None, or one line saying why the run produced no figures).
     """
     proc = subprocess.Popen(
@@ -79,12 +80,14 @@ def measure(
     )
     assert proc.stdout is not None and proc.stderr is not None
 
-    def sample() -> tuple[float, float, float, float]:
+    def sample() -> tuple[float, float, float, float, float]:
+        user, system = tree_cpu_times(server.pid)
         return (
             time.monotonic(),
-            tree_cpu_seconds(server.pid),
+            user,
             tree_run_delay_seconds(server.pid),
             run_delay_seconds(proc.pid),
+            system,
         )
 
     a = sample()
@@ -113,16 +116,21 @@ def measure(
         return {"error": f"load client failed: {why}"}
     requests = int(report["requests"])  # type: ignore[call-overload]
     window = b[0] - a[0]
-    server_cpu = b[1] - a[1]
+    server_user, server_sys = b[1] - a[1], b[4] - a[4]
+    server_cpu = server_user + server_sys
     client_cpu = float(report["client_cpu_s"])  # type: ignore[arg-type]
     report.update(
         server_cpu_s=server_cpu,
+        server_user_s=server_user,
+        server_sys_s=server_sys,
         window_s=window,
         server_cpu_util=server_cpu / window if window > 0 else 0.0,
         client_cpu_util=client_cpu / duration,
         server_wait_share=(b[2] - a[2]) / window if window > 0 else 0.0,
         client_wait_share=(b[3] - a[3]) / window if window > 0 else 0.0,
         cpu_per_req_us=server_cpu / requests * 1e6 if requests else None,
+        user_per_req_us=server_user / requests * 1e6 if requests else None,
+        sys_per_req_us=server_sys / requests * 1e6 if requests else None,
         error=None if requests else "no request completed",
     )
     return report

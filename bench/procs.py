@@ -30,15 +30,21 @@ class StartError(Exception):
     """A server did not come up; the message says why in one line."""
 
 
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of one process, in seconds (0.0 once it has gone)."""
+def cpu_times(pid: int) -> tuple[float, float]:
+    """(utime, stime) of one process, in seconds ((0.0, 0.0) once it has gone)."""
     try:
         text = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
-        return 0.0
+        return 0.0, 0.0
     fields = text[text.rindex(")") + 2 :].split()
     # fields[0] is field 3 (state), so utime (14) and stime (15) are 11 and 12.
-    return (int(fields[11]) + int(fields[12])) / _CLK_TCK
+    return int(fields[11]) / _CLK_TCK, int(fields[12]) / _CLK_TCK
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of one process, in seconds (0.0 once it has gone)."""
+    user, system = cpu_times(pid)
+    return user + system
 
 
 def run_delay_seconds(pid: int) -> float:
@@ -91,6 +97,12 @@ def tree(pid: int) -> list[int]:
 def tree_cpu_seconds(pid: int) -> float:
     """CPU seconds of ``pid`` and its descendants."""
     return sum(cpu_seconds(p) for p in tree(pid))
+
+
+def tree_cpu_times(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds of ``pid`` and its descendants."""
+    times = [cpu_times(p) for p in tree(pid)]
+    return sum(t[0] for t in times), sum(t[1] for t in times)
 
 
 def rss_bytes(pid: int) -> tuple[int, int]:
