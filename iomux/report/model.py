@@ -155,12 +155,22 @@ def column_kernel(results: Dict[str, Any], column: str) -> str:
     return ""
 
 
-def _picked(record: Dict[str, Any], labels: List[str]) -> Any:
+def _picked(record: Dict[str, Any], labels: List[str]) -> str:
+    # The whole figure, nested lists included (figure() shortens each part):
+    # a difference line is read for its detail.
     observed = record.get("observed")
-    if not isinstance(observed, dict):
-        return observed
-    chosen = {k: v for k, v in observed.items() if k in labels}
-    return chosen or observed
+    if isinstance(observed, dict):
+        chosen = {k: v for k, v in observed.items() if k in labels} or observed
+        return ", ".join(f"{k}={_whole(v)}" for k, v in chosen.items())
+    return _whole(observed)
+
+
+def _whole(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_whole(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}={_whole(v)}" for k, v in value.items()) + "}"
+    return figure(value, 1000)
 
 
 def differences(results: Dict[str, Any]) -> List[str]:
@@ -181,11 +191,11 @@ def differences(results: Dict[str, Any]) -> List[str]:
             cell = cell_of(record)
             if record is None or cell not in (CELL_EXPECTED, CELL_UNEXPECTED):
                 continue
-            expected = record.get("expected")
-            labels = list(expected) if isinstance(expected, dict) else []
-            line = f"{col} {cid}: {figure(_picked(record, labels), 400)}"
+            labels = [k for r in (record, reference) if r is not None
+                      and isinstance(r.get("expected"), dict) for k in r["expected"]]
+            line = f"{col} {cid}: {_picked(record, labels)}"
             if reference is not None:
-                line += f" (linux: {figure(_picked(reference, labels), 400)})"
+                line += f" (linux: {_picked(reference, labels)})"
             if cell == CELL_UNEXPECTED:
                 line += f" UNEXPECTED: {record.get('why')}"
             else:
