@@ -19,11 +19,16 @@ set -euo pipefail
 # Keep in step with KERNELS in harness/drivers/kernels.py.
 BOOKWORM_PKGS=("runsc=0.0~20221219.0-2+b3" "user-mode-linux=6.1um4+b13")
 # Debian 13's linux.uml needs glibc 2.38+ (this host has 2.36): Debian 13's libc6 is
-# unpacked beside it and its loader runs it (harness/drivers/kernels.py). The
-# guest loads no kernel module, so no modules package.
+# unpacked beside it. It cannot run as "ld.so linux.uml": UML sizes its memory
+# from where brk starts, which is then after ld.so ("Too few physical memory!").
+# So a copy, linux.uml.ld-trixie, names Debian 13's loader as its interpreter
+# (through LD_LINK, a path short enough to be patched into PT_INTERP in place,
+# layout unchanged) and runs with LD_LIBRARY_PATH set to that libc6. The guest
+# loads no kernel module, so no modules package.
 TRIXIE_PKGS=("runsc=0.0~20240729.0-4+b7" "user-mode-linux=6.12um1+b22" "libc6=2.41-12+deb13u5")
 MIRROR="${IOMUX_DEBIAN_MIRROR:-http://deb.debian.org/debian}"
 KERNELS_DIR="${IOMUX_KERNELS_DIR:-/var/cache/iomux/kernels}"
+LD_LINK=/var/cache/iomux/ld-trixie   # at most 27 bytes: PT_INTERP of linux.uml
 export DEBIAN_FRONTEND=noninteractive
 
 die() { echo "fetch-kernels: $*" >&2; exit 1; }
@@ -50,6 +55,17 @@ for spec in "${TRIXIE_PKGS[@]}"; do
   unpacked "$name" "$version" || missing+=("deb:$spec")
 done
 
+# The name of the loader-patched copy of Debian 13's linux.uml, once it is made.
+uml_trixie="" libc_trixie=""
+for spec in "${TRIXIE_PKGS[@]}"; do
+  case "$spec" in
+    user-mode-linux=*) uml_trixie="$(unpacked_dir user-mode-linux "${spec#*=}")/usr/bin/linux.uml" ;;
+    libc6=*) libc_trixie="$(unpacked_dir libc6 "${spec#*=}")/usr/lib/x86_64-linux-gnu" ;;
+  esac
+done
+patched_ok() { [[ -x "$uml_trixie.ld-trixie" && "$(readlink "$LD_LINK")" == "$libc_trixie/ld-linux-x86-64.so.2" ]]; }
+patched_ok || missing+=("patch:linux.uml.ld-trixie")
+
 if [[ "$mode" == "--check" ]]; then
   if ((${#missing[@]})); then
     echo "fetch-kernels: missing ${missing[*]#*:} (run scripts/fetch-kernels.sh install)"
@@ -72,6 +88,7 @@ trap cleanup EXIT
 for item in "${missing[@]}"; do
   how="${item%%:*}" spec="${item#*:}"
   name="${spec%%=*}" version="${spec#*=}"
+  [[ "$how" == patch ]] && continue  # after the unpacking, below
   if [[ "$how" == apt ]]; then
     if [[ -z "$apt_updated" ]]; then
       apt-get update -qq >/dev/null 2>&1 || die "apt-get update failed"
@@ -108,3 +125,22 @@ SRC
   rm -f "${deb[0]}"
   echo "fetched $name $version (trixie .deb, unpacked in $dest)"
 done
+
+if ! patched_ok; then
+  mkdir -p "$(dirname "$LD_LINK")"
+  ln -sfn "$libc_trixie/ld-linux-x86-64.so.2" "$LD_LINK"
+  python3 - "$uml_trixie" "$LD_LINK" <<'PY' || die "patching linux.uml's loader path failed"
+import os, sys
+src, link = sys.argv[1], sys.argv[2].encode()
+old = b"/lib64/ld-linux-x86-64.so.2\0"
+data = open(src, "rb").read()
+if data.count(old) != 1 or len(link) >= len(old):
+    sys.exit(f"{src}: PT_INTERP {old!r} not found once, or {link!r} too long")
+tmp = src + ".ld-trixie.tmp"
+with open(tmp, "wb") as fh:
+    fh.write(data.replace(old, link.ljust(len(old), b"\0")))
+os.chmod(tmp, 0o755)
+os.replace(tmp, src + ".ld-trixie")
+PY
+  echo "made ${uml_trixie##*/}.ld-trixie (Debian 13's loader via $LD_LINK)"
+fi

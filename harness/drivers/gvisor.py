@@ -157,7 +157,7 @@ class GVisorDriver(Driver):
         if rootfs is None:
             raise TargetError("start: build the target first")
         name = f"iomux-{run_id}-{worker}-{target.name}"
-        home = kernels.new_instance_dir(self.kind, name, run_id)
+        home = kernels.new_instance_dir(self.kind, name, run_id, rootfs)
         backends = ["auto", *(b for b in target.backends if b in BACKEND_PORTS)]
         instance = Instance(target=target, run_id=run_id, resource_name=name, data={
             "home": str(home), "state_dir": str(home / "state"), "python": GUEST_PYTHON,

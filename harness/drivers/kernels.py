@@ -9,8 +9,11 @@ The binaries (scripts/fetch-kernels.sh puts them there):
 - Debian 13's builds are .deb files unpacked under ``KERNELS_DIR``
   (``<package>-<version>/usr/bin/...``), never installed over the host's.
   Debian 13's ``linux.uml`` is linked against glibc 2.38+ and this host has
-  2.36, so it runs under Debian 13's own dynamic loader, unpacked beside it
-  (``ld-linux-x86-64.so.2 --library-path <libc6>/usr/lib/x86_64-linux-gnu``).
+  2.36, so it runs on Debian 13's libc6, unpacked beside it. Not as
+  ``ld.so linux.uml``: UML sizes its physical memory from where brk starts,
+  which is then past ld.so's image ("Too few physical memory!"). The fetch
+  script makes ``linux.uml.ld-trixie``, a copy whose PT_INTERP names Debian
+  13's loader (patched in place, layout unchanged), run with LD_LIBRARY_PATH.
 
 The root filesystem is the built ``debian-12`` image (harness/images.py, through
 the docker driver), exported once with ``docker create`` + ``docker export`` and
@@ -68,12 +71,20 @@ class KernelBinary:
             return Path("/") / rel
         return KERNELS_DIR / f"{self.package}-{self.version}" / rel
 
+    @property
+    def runs(self) -> Path:
+        """What is executed: the binary, or its copy on Debian 13's loader."""
+        return self.path.with_name(self.path.name + ".ld-trixie") if self.libc6 else self.path
+
     def argv0(self) -> list[str]:
-        """The words that run it: the path, or Debian 13's loader and the path."""
+        """The words that run it."""
+        return [str(self.runs)]
+
+    def env(self) -> dict[str, str]:
+        """What its environment needs: Debian 13's libc6 for the patched copy."""
         if not self.libc6:
-            return [str(self.path)]
-        libs = KERNELS_DIR / f"libc6-{self.libc6}" / LIBC_DIR
-        return [str(libs / "ld-linux-x86-64.so.2"), "--library-path", str(libs), str(self.path)]
+            return {}
+        return {"LD_LIBRARY_PATH": str(KERNELS_DIR / f"libc6-{self.libc6}" / LIBC_DIR)}
 
     def missing_reason(self) -> str | None:
         """Why this build cannot run here (one line with the fix), or None."""
@@ -85,9 +96,9 @@ class KernelBinary:
         elif not (self.path.parent.parents[1] / ".unpacked").is_file():
             return f"{self.package} {self.version} not fetched ({FETCH_HINT})"
         if self.libc6 and not (KERNELS_DIR / f"libc6-{self.libc6}" / ".unpacked").is_file():
-            return f"libc6 {self.libc6} (loader of {self.package}) not fetched ({FETCH_HINT})"
-        if not os.access(self.path, os.X_OK):
-            return f"{self.path} is not executable ({FETCH_HINT})"
+            return f"libc6 {self.libc6} (for {self.package}) not fetched ({FETCH_HINT})"
+        if not os.access(self.runs, os.X_OK):
+            return f"{self.runs.name} {self.version} not made ({FETCH_HINT})"
         return None
 
     def facts(self) -> dict[str, Any]:
@@ -95,7 +106,8 @@ class KernelBinary:
         facts = {"package": self.package, "version": self.version, "suite": self.suite,
                  "binary": str(self.path), "sha256": sha256_of(str(self.path))}
         if self.libc6:
-            facts["loader_libc6"] = self.libc6
+            facts.update(runs=str(self.runs), runs_sha256=sha256_of(str(self.runs)),
+                         libc6=self.libc6)
         return facts
 
 
@@ -203,8 +215,13 @@ def _remove_superseded(current: Path) -> None:
     SUPERSEDED_AFTER_S (a concurrent run on an older image may still use one)."""
     prefix = current.name.rsplit("-", 1)[0] + "-"
     cutoff = time.time() - SUPERSEDED_AFTER_S
+    in_use = set()
+    for owner in STATE_BASE.glob("*/*/owner"):  # every instance not yet destroyed
+        with contextlib.suppress(OSError, ValueError):
+            in_use.add(str(json.loads(owner.read_text()).get("rootfs")))
     for sibling in current.parent.glob(prefix + "*"):
-        if sibling != current and sibling.stat().st_mtime < cutoff:
+        if sibling != current and str(sibling) not in in_use \
+                and sibling.stat().st_mtime < cutoff:
             shutil.rmtree(sibling, ignore_errors=True)
 
 
@@ -243,14 +260,16 @@ def image_env(rootfs: Path) -> list[str]:
 STATE_BASE = Path(os.environ.get("IOMUX_KERNEL_STATE_DIR", "/tmp/iomux-kernels"))
 
 
-def new_instance_dir(kind: str, name: str, run_id: str) -> Path:
-    """Make the instance's private directory and record its owner."""
+def new_instance_dir(kind: str, name: str, run_id: str, rootfs: Path) -> Path:
+    """Make the instance's private directory and record its owner and the root
+    filesystem it uses (which is then not removed as superseded)."""
     from harness.drivers.docker import owner_label
 
     path = STATE_BASE / kind / name
     shutil.rmtree(path, ignore_errors=True)
     path.mkdir(parents=True)
-    (path / "owner").write_text(json.dumps({"run": run_id, "owner": owner_label()}) + "\n")
+    (path / "owner").write_text(json.dumps({"run": run_id, "owner": owner_label(),
+                                            "rootfs": str(rootfs)}) + "\n")
     return path
 
 

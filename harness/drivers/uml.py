@@ -181,7 +181,7 @@ class UMLDriver(Driver):
         if rootfs is None:
             raise TargetError("start: build the target first")
         name = f"iomux-{run_id}-{worker}-{target.name}"
-        home = kernels.new_instance_dir(self.kind, name, run_id)
+        home = kernels.new_instance_dir(self.kind, name, run_id, rootfs)
         backends = ["auto", *(b for b in target.backends if b in BACKEND_PORTS)]
         instance = Instance(target=target, run_id=run_id, resource_name=name, data={
             "home": str(home), "python": GUEST_PYTHON, "tests_dir": GUEST_TESTS,
@@ -198,8 +198,8 @@ class UMLDriver(Driver):
                 "ssl=null", f"con0=null,fd:{log.fileno()}", "con=null",
                 f"uml_dir={home}", f"umid={target.name}",
                 f"IOMUX_HOSTNAME={target.name}", f"IOMUX_NOFILE={nofile_limit()[1]}"]
-        env = {"PATH": "/usr/bin:/bin", ENV_MARK: name,
-               "TMPDIR": str(_exec_dir() or home)}
+        env = {"PATH": "/usr/bin:/bin", ENV_MARK: name, "TMPDIR": str(_exec_dir() or home),
+               **binary.env()}
         try:
             proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log,
                                     stderr=subprocess.STDOUT, env=env, cwd=home,
