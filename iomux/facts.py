@@ -18,7 +18,10 @@ Python sees sys.platform "linux" there. Facts used to tell them apart:
   syslog) opens with "Starting gVisor...". It is a second witness where dmesg
   may be read; on a real Linux dmesg is often restricted (dmesg_restrict).
 - User-Mode Linux is Linux (its own kernel, the Linux TCP stack): family
-  "linux".
+  "linux", platform "uml". Its /proc/cpuinfo says "vendor_id : User Mode
+  Linux" and "model name : UML" (arch/um/kernel/um_arch.c), and every system
+  call it serves is a ptrace round trip through the host kernel, so fixed
+  per-call costs dwarf small per-fd ones there.
 """
 
 from __future__ import annotations
@@ -97,24 +100,39 @@ def _dmesg_head() -> Optional[str]:
     return done.stdout[:2000] if done.returncode == 0 else None
 
 
+def _is_uml() -> bool:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            return "User Mode Linux" in f.read(4096)
+    except OSError:
+        return False
+
+
 def kernel_identity() -> Dict[str, Any]:
-    """Which kernel runs this process: ``{"family", "evidence"}``.
+    """Which kernel runs this process: ``{"family", "platform", "evidence"}``.
 
     ``family`` is ``gvisor``, ``linux``, ``freebsd``, ``darwin`` (or
-    sys.platform's name for another system); ``evidence`` says, in one line,
+    sys.platform's name for another system); ``platform`` is ``uml`` for
+    User-Mode Linux and ``native`` otherwise; ``evidence`` says, in one line,
     what it was read from.
     """
     uname = os.uname()
     family = sys.platform.rstrip("0123456789")
     if family != "linux":
-        return {"family": family, "evidence": f"sys.platform {sys.platform!r}, uname {uname.sysname}"}
+        return {"family": family, "platform": "native",
+                "evidence": f"sys.platform {sys.platform!r}, uname {uname.sysname}"}
     if uname.release == GVISOR_RELEASE and uname.version == GVISOR_VERSION:
-        return {"family": "gvisor",
+        return {"family": "gvisor", "platform": "native",
                 "evidence": f"uname is gVisor's fixed {GVISOR_RELEASE} {GVISOR_VERSION!r}"}
     head = _dmesg_head()
     if head is not None and "Starting gVisor" in head:
-        return {"family": "gvisor", "evidence": "dmesg opens with 'Starting gVisor...'"}
-    return {"family": "linux", "evidence": f"uname {uname.release} {uname.version!r} is not gVisor's"}
+        return {"family": "gvisor", "platform": "native",
+                "evidence": "dmesg opens with 'Starting gVisor...'"}
+    if _is_uml():
+        return {"family": "linux", "platform": "uml",
+                "evidence": "/proc/cpuinfo says 'User Mode Linux'"}
+    return {"family": "linux", "platform": "native",
+            "evidence": f"uname {uname.release} {uname.version!r} is not gVisor's"}
 
 
 def _os_release() -> Optional[str]:
@@ -142,6 +160,7 @@ def collect() -> Dict[str, Any]:
         "os": uname.sysname,
         "os_family": sys.platform.rstrip("0123456789"),
         "kernel_family": identity["family"],
+        "kernel_platform": identity["platform"],
         "kernel_evidence": identity["evidence"],
         "distribution": _os_release(),
         "kernel": uname.release,

@@ -130,12 +130,13 @@ def _entries(claim: Dict[str, Any], kernel: str) -> List[Dict[str, Any]]:
     return []
 
 
-def expectation_for(claim: Dict[str, Any], kernel: str,
-                    version: Optional[str] = None) -> Dict[str, Any]:
+def expectation_for(claim: Dict[str, Any], kernel: str, version: Optional[str] = None,
+                    platform: Optional[str] = None) -> Dict[str, Any]:
     """The resolved expectation of ``claim`` for ``kernel`` at ``version``.
 
     ``version`` None (unknown) or LATEST means a current version: the
-    entries with a version range are passed over. Returns ``{"requires", "checks",
+    entries with a version range are passed over. ``platform`` (``uml``,
+    ``native`` or None) picks the entries written for one platform. Returns ``{"requires", "checks",
     "reason"}``. Raises _Unknown when none can be given.
     """
     family = KERNELS.get(kernel, kernel)
@@ -143,6 +144,9 @@ def expectation_for(claim: Dict[str, Any], kernel: str,
         # An unknown version is taken to be a current one.
         if "versions" in entry and (version in (LATEST, None)
                                     or not _in_range(entry["versions"], str(version))):
+            continue
+        # An entry for one platform (User-Mode Linux: "uml") holds only there.
+        if "platform" in entry and entry["platform"] != platform:
             continue
         if "unknown" in entry:
             raise _Unknown(f"no expectation for {kernel}: {entry['unknown']}")
@@ -267,6 +271,15 @@ def _test(cond: Dict[str, Any], value: Any) -> Tuple[bool, str]:
     return bool(ok), " and ".join(words) or "anything"
 
 
+def _label(cond: Dict[str, Any]) -> str:
+    if "path" in cond:
+        return ".".join(map(str, cond["path"]))
+    if "ratio" in cond:
+        r = cond["ratio"]
+        return f"{r['backend']} t({r['num']})/t({r['den']})"
+    return f"{cond['series']['backend']} t({cond['series']['n']})"
+
+
 def _record(claim: Dict[str, Any], target: str, observed: Any, expected: Any,
             verdict: str, why: str) -> Dict[str, Any]:
     return {"id": claim["id"], "claim": claim["claim"], "target": target,
@@ -277,13 +290,7 @@ def _judge(claim: Dict[str, Any], target: str, expectation: Dict[str, Any],
            probes: Dict[str, Any]) -> Dict[str, Any]:
     conds: List[Dict[str, Any]] = expectation.get("checks", [])
     reqs: List[Dict[str, Any]] = expectation.get("requires", [])
-    expected: Dict[str, str] = {}
-    for cond in conds:
-        label = (".".join(map(str, cond["path"])) if "path" in cond else
-                 f"{cond['ratio']['backend']} t({cond['ratio']['num']})/t({cond['ratio']['den']})"
-                 if "ratio" in cond else
-                 f"{cond['series']['backend']} t({cond['series']['n']})")
-        expected[label] = _test(cond, None)[1]
+    expected = {_label(cond): _test(cond, None)[1] for cond in conds}
     name = claim["probe"]
     probe = probes.get(name)
     if not isinstance(probe, dict):
@@ -340,7 +347,7 @@ def _quiet_observe(conds: List[Dict[str, Any]], probe: Any) -> Dict[str, Any]:
 
 
 def judge(claim: Dict[str, Any], target: str, kernel: str, kernel_version: Optional[str],
-          probes: Dict[str, Any]) -> Dict[str, Any]:
+          probes: Dict[str, Any], platform: Optional[str] = None) -> Dict[str, Any]:
     """The record of one claim on one target: both questions, and the grid's cell."""
     family = KERNELS.get(kernel, kernel)
     predicted = _for_family(claim, family)
@@ -352,7 +359,7 @@ def judge(claim: Dict[str, Any], target: str, kernel: str, kernel_version: Optio
     claim_verdict = {AGREES: HOLDS, DIFFERS: REFUTED}.get(first["verdict"], NOT_MEASURABLE)
     reason: Optional[str] = None
     try:
-        expectation = expectation_for(claim, kernel, kernel_version)
+        expectation = expectation_for(claim, kernel, kernel_version, platform)
     except _Unknown as exc:
         second = _record(claim, target, first["observed"], None, NOT_MEASURABLE, str(exc))
         differs = False
@@ -379,8 +386,14 @@ def judge(claim: Dict[str, Any], target: str, kernel: str, kernel_version: Optio
         cell, matches = CELL_NOT_RUN, None
     record = _record(claim, target, observed or None, second["expected"],
                      second["verdict"], second["why"])
+    try:
+        linux_expected = {_label(c): _test(c, None)[1]
+                          for c in expectation_for(claim, "linux", LATEST)["checks"]}
+    except _Unknown:
+        linux_expected = None
     record.update({
-        "kernel": kernel, "kernel_version": kernel_version,
+        "kernel": kernel, "kernel_version": kernel_version, "kernel_platform": platform,
+        "linux_expected": linux_expected,
         "claim_verdict": claim_verdict, "claim_why": first["why"],
         "predicted": first["expected"],
         "expected_reason": reason if differs else None,
@@ -391,7 +404,8 @@ def judge(claim: Dict[str, Any], target: str, kernel: str, kernel_version: Optio
 
 def evaluate(target: str, os_family: str, probes: Dict[str, Any],
              expected_path: Optional[str] = None, *, kernel: Optional[str] = None,
-             kernel_version: Optional[str] = None) -> List[Dict[str, Any]]:
+             kernel_version: Optional[str] = None,
+             kernel_platform: Optional[str] = None) -> List[Dict[str, Any]]:
     """One claim record per claim of ``expected.json``, for one target.
 
     Parameters: ``target`` names the target (it goes into each record);
@@ -400,7 +414,8 @@ def evaluate(target: str, os_family: str, probes: Dict[str, Any],
     --json`` is accepted too, as is the whole printed document); ``kernel``
     (default: the os_family) is ``linux``, ``gvisor``, ``freebsd`` or
     ``darwin``, and ``kernel_version`` its version where expectations depend
-    on it (``uname -r`` for Linux, the release date for gVisor).
+    on it (``uname -r`` for Linux, the release date for gVisor);
+    ``kernel_platform`` is ``uml`` for User-Mode Linux (iomux.facts).
 
     Returns records ``{id, claim, target, observed, expected, verdict, why}``
     with verdict ``agrees``, ``differs`` or ``not measurable`` against the
@@ -411,7 +426,7 @@ def evaluate(target: str, os_family: str, probes: Dict[str, Any],
     if isinstance(probes.get("probes"), dict):
         probes = probes["probes"]
     chosen = kernel or os_family
-    return [judge(claim, target, chosen, kernel_version, probes)
+    return [judge(claim, target, chosen, kernel_version, probes, kernel_platform)
             for claim in load_expected(expected_path)]
 
 

@@ -196,6 +196,10 @@ def differences(results: Dict[str, Any]) -> List[str]:
             line = f"{col} {cid}: {_picked(record, labels)}"
             if reference is not None:
                 line += f" (linux: {_picked(reference, labels)})"
+            elif isinstance(record.get("linux_expected"), dict):
+                # No Linux target in this run: Linux's expectation in words instead.
+                words = ", ".join(f"{k} {v}" for k, v in record["linux_expected"].items())
+                line += f" (linux expects: {words})"
             if cell == CELL_UNEXPECTED:
                 line += f" UNEXPECTED: {record.get('why')}"
             else:

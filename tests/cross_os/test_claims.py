@@ -83,7 +83,8 @@ def probe_run(running_target: RunningTarget, target: Target) -> ProbeRun:
         kernel = detected_kernel(document, target)
         records = claims.evaluate(target.name, target.os_family, document["probes"],
                                   kernel=kernel,
-                                  kernel_version=kernel_version(running_target, kernel, document))
+                                  kernel_version=kernel_version(running_target, kernel, document),
+                                  kernel_platform=document.get("kernel_platform"))
         running_target.record("claims", records)
     return ProbeRun(result.rc, seconds, result.stderr, document,
                     {r["id"]: r for r in records})

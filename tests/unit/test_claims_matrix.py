@@ -55,9 +55,10 @@ def _versions_to_try(claim: Dict[str, Any]) -> List[Any]:
 def test_every_difference_from_linux_has_a_one_line_reason() -> None:
     for claim in claims.load_expected():
         for kernel in claims.KERNELS:
-            for version in _versions_to_try(claim):
+            for version, platform in [(v, p) for v in _versions_to_try(claim)
+                                      for p in ("native", "uml")]:
                 try:
-                    exp = claims.expectation_for(claim, kernel, version)
+                    exp = claims.expectation_for(claim, kernel, version, platform)
                 except claims._Unknown as exc:
                     assert str(exc), (claim["id"], kernel)
                     continue
@@ -73,7 +74,8 @@ def test_kernel_keys_and_version_ranges_are_known() -> None:
             assert {k.strip() for k in key.split(",")} <= set(claims.KERNELS), (claim["id"], key)
             for entry in raw if isinstance(raw, list) else [raw]:
                 assert set(entry.get("versions") or {}) <= {"min", "below"}, claim["id"]
-                assert set(entry) <= {"versions", "reason", "requires", "checks", "as", "unknown"}
+                assert set(entry) <= {"versions", "platform", "reason", "requires", "checks",
+                                      "as", "unknown"}
                 if "as" in entry:
                     assert entry["as"] in ("linux", "predicts"), claim["id"]
 
@@ -320,3 +322,18 @@ def test_merge_keeps_the_new_record_fields(tmp_path: Path) -> None:
     cells = {(r["target"], r["id"]): r["cell"] for r in merged["claims"]}
     assert cells[("gvisor-2022@r2", "halfclose-events")] == claims.CELL_EXPECTED
     assert "Differences from Linux" in (tmp_path / "summary.md").read_text()
+
+
+def test_a_platform_entry_holds_only_on_its_platform() -> None:
+    doc = _recorded("linux-6.18-host")
+    slow = copy.deepcopy(doc)
+    # UML-like figures: a fixed 50 us per call that hides select's scan.
+    slow["probes"]["wait_cost"]["backends"]["select"] = [5.1e-05, 6.5e-05, 1.29e-04, None]
+    uml = _by_id(claims.evaluate("uml", "linux", slow, kernel="linux", kernel_version="6.12.113",
+                                 kernel_platform="uml"))
+    assert uml["select-poll-cost-grows"]["cell"] == claims.CELL_EXPECTED
+    assert "ptrace" in uml["select-poll-cost-grows"]["expected_reason"]
+    assert uml["select-poll-cost-grows"]["claim_verdict"] == claims.REFUTED
+    native = _by_id(claims.evaluate("vm", "linux", slow, kernel="linux", kernel_version="6.12.113",
+                                    kernel_platform="native"))
+    assert native["select-poll-cost-grows"]["cell"] == claims.CELL_UNEXPECTED
