@@ -42,6 +42,10 @@ class Multiplexer(abc.ABC):
             try to read (includes error and hang-up bits: the read surfaces them).
         native_write: bits of ``poll_raw`` masks after which the caller should
             try to write.
+        native_eof: bits of ``poll_raw`` masks that say the peer's FIN is
+            already queued, so an edge-triggered reader must read on to EOF
+            (no new edge will come for it); 0 when the backend cannot say, and
+            then an edge-triggered reader must always read until EAGAIN.
     """
 
     name: ClassVar[str]
@@ -49,6 +53,7 @@ class Multiplexer(abc.ABC):
     max_fd: ClassVar[Optional[int]] = None
     native_read: ClassVar[int] = EVENT_READ | EVENT_ERROR
     native_write: ClassVar[int] = EVENT_WRITE | EVENT_ERROR
+    native_eof: ClassVar[int] = 0
 
     @classmethod
     def available(cls) -> bool:
