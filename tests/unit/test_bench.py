@@ -407,14 +407,33 @@ def test_goals_cover_both_goal_configurations() -> None:
 def test_syscall_goal_compares_with_the_c_server() -> None:
     from bench import runner
 
-    def server(*spr: float | None) -> dict[str, object]:
+    def server(*spr: float | None, wakes: tuple[float, ...] = (0.2, 0.2, 1.0)) -> dict[str, object]:
         keys = ["1024B-10c", "64B-100c", "65536B-1c"]
-        return {"counts": {k: {"syscalls_per_req": v} for k, v in zip(keys, spr)}}
+        return {
+            "counts": {
+                k: {
+                    "syscalls_per_req": v,
+                    "wakeups_per_req": w,
+                    "events_per_wakeup": 1 / w if w else None,
+                }
+                for k, v, w in zip(keys, spr, wakes)
+            }
+        }
 
-    servers = {"iomux-epoll": server(2.1, 2.2, None), "c-epoll": server(2.3, 2.0, 3.0)}
+    servers = {
+        "iomux-epoll": server(2.1, 2.2, None, wakes=(0.1, 0.2, 1.0)),
+        "c-epoll": server(2.3, 2.0, 3.0, wakes=(0.3, 0.1, 1.0)),
+    }
     got = runner.syscall_goals(servers, [(1024, 10), (64, 100), (65536, 1)])
     assert [g["met"] for g in got] == [True, False, None]
+    assert got[1]["ours_besides_waits"] == pytest.approx(2.0)
+    assert got[1]["c_besides_waits"] == pytest.approx(1.9)
+    assert got[1]["reason"] is None  # 0.1 more calls besides the waits: a real difference
     assert "not counted" in got[2]["reason"]
+    # The same totals where all of the difference is wake-ups: the reason says so.
+    servers["c-epoll"] = server(2.3, 2.0, 3.0, wakes=(0.3, 0.0, 1.0))
+    timing = runner.syscall_goals(servers, [(64, 100)])[0]
+    assert timing["met"] is False and "every extra call is a wake-up" in timing["reason"]
 
 
 def test_ceiling_says_why_the_c_server_is_beaten() -> None:
