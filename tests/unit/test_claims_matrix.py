@@ -337,3 +337,8 @@ def test_a_platform_entry_holds_only_on_its_platform() -> None:
     native = _by_id(claims.evaluate("vm", "linux", slow, kernel="linux", kernel_version="6.12.113",
                                     kernel_platform="native"))
     assert native["select-poll-cost-grows"]["cell"] == claims.CELL_UNEXPECTED
+    # A UML run that happens to show Linux's answer agrees with Linux.
+    same = _by_id(claims.evaluate("uml", "linux", doc, kernel="linux", kernel_version="6.12.113",
+                                  kernel_platform="uml"))
+    assert same["select-poll-cost-grows"]["cell"] == claims.CELL_AGREES
+    assert same["select-poll-cost-grows"]["expected_reason"] is None
