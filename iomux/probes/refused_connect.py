@@ -5,7 +5,8 @@ Facts this probe relies on:
   FreeBSD and macOS then fail a blocking connect() with ECONNREFUSED.
 - A non-blocking connect() returns EINPROGRESS (the RST is handled after
   connect() has returned), or ECONNREFUSED where the loopback answer is
-  processed before the call returns. Linux then reports EPOLLOUT|EPOLLERR|
+  processed before the call returns (FreeBSD's kern_connectat then hands
+  back so_error and clears it, so SO_ERROR reads 0). Linux then reports EPOLLOUT|EPOLLERR|
   EPOLLHUP on the socket (the connection is closed: HUP; sk_err: ERR), and
   SO_ERROR gives ECONNREFUSED once, then 0.
 - A connected UDP socket that sends to a closed port gets an ICMP port
