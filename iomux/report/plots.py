@@ -356,5 +356,6 @@ def _slowdown_plot(host: str, slow: List[Tuple[str, Dict[str, float]]]) -> Plot:
                "already measure: one epoll_wait with one ready fd and a poll over 1,000 fds "
                "(wait_cost probe), one epoll_ctl (registration probe), the whole probe suite's "
                "wall time, and the median ratio of the in-guest tests both ran. The dotted line "
-               "is 1x.")
+               "is 1x. Figures from one run on a shared machine: a single timing can be off by a "
+               "few times where other targets ran at once; the suite-level ones are steadier.")
     return Plot("Slowdown against the host", caption, _png(fig))
