@@ -89,10 +89,8 @@ class KernelBinary:
     def missing_reason(self) -> str | None:
         """Why this build cannot run here (one line with the fix), or None."""
         if self.suite == "bookworm":
-            installed = _dpkg_version(self.package)
-            if installed != self.version:
-                now = f"{installed} is installed" if installed else "not installed"
-                return f"{self.package} {self.version} {now} ({FETCH_HINT})"
+            if _dpkg_version(self.package) != self.version:  # absent, or another version
+                return f"{self.package} {self.version} not installed ({FETCH_HINT})"
         elif not (self.path.parent.parents[1] / ".unpacked").is_file():
             return f"{self.package} {self.version} not fetched ({FETCH_HINT})"
         if self.libc6 and not (KERNELS_DIR / f"libc6-{self.libc6}" / ".unpacked").is_file():
