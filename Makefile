@@ -66,7 +66,7 @@ test: check unit test-all-os
 # on failure and on Ctrl-C alike (the EXIT trap; INT and TERM exit through it).
 test-all-os: $(STAMP)
 	@state=$$(mktemp "$${TMPDIR:-/tmp}/iomux-setup.XXXXXX"); \
-	trap 'set +x; scripts/setup-engines.sh stop --state "$$state"' EXIT; trap 'exit 130' INT; \
+	trap '{ set +x; } 2>/dev/null; scripts/setup-engines.sh stop --state "$$state"' EXIT; trap 'exit 130' INT; \
 	trap 'exit 143' TERM; \
 	TARGETS="$(TARGETS)" PY="$(PY)" scripts/setup-engines.sh start --state "$$state" \
 		|| echo "[setup] set-up failed; the targets that need it are reported not run"; \
