@@ -268,7 +268,8 @@ case $mode in
     fi
     if has_kind gvisor || has_kind uml; then
       out=$(kernels_step install) || die "scripts/fetch-kernels.sh install failed: $out"
-      if [[ -n $out ]]; then echo "$out"; fi
+      # Its "nothing to install" is said once, in the line below, with the rest.
+      if [[ -n $out && $out != *"nothing to install"* ]]; then echo "$out"; did=1; fi
     fi
     ((did)) || say "${kinds[*]}: nothing to install, nothing to start"
     ;;
