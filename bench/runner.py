@@ -48,8 +48,9 @@ GOALS = [
 ]
 IDLE_GOAL_MIB = 32
 # Requests counted per configuration (bench/counts.py scales them down for large messages).
-COUNT_REQUESTS, QUICK_COUNT_REQUESTS = 20000, 5000
-CALLGRIND_REQUESTS, QUICK_CALLGRIND_REQUESTS = 2000, 300
+# (--quick skips callgrind: a Python server takes some 10 s to start under it.)
+COUNT_REQUESTS, QUICK_COUNT_REQUESTS = 10000, 2000
+CALLGRIND_REQUESTS, QUICK_CALLGRIND_REQUESTS = 1000, 0
 Json = dict[str, Any]
 
 
@@ -451,7 +452,9 @@ def table(doc: Json) -> str:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """The runner's command line."""
     p = argparse.ArgumentParser(prog="python -m bench", description="iomux benchmarks (make bench)")
-    p.add_argument("--quick", action="store_true", help="1 round of 2 s per measurement")
+    p.add_argument(
+        "--quick", action="store_true", help="1 round of 2 s per measurement, fewer counts"
+    )
     p.add_argument("--rounds", type=int, default=None, help="rounds over all servers (default 3)")
     p.add_argument(
         "--duration", type=float, default=None, help="seconds per measurement (default 2)"
@@ -655,7 +658,11 @@ def _count_all(
 ) -> Json:
     """Add ``counts`` and ``instructions`` to each server run; returns the methods' notes."""
     sys_why = "skipped (--count-requests 0)" if not count_n else counts.perf_problem()
-    cg_why = "skipped (--callgrind-requests 0)" if not cg_n else counts.callgrind_problem()
+    cg_why = (
+        "skipped (--callgrind-requests 0; --quick skips it unless asked for)"
+        if not cg_n
+        else counts.callgrind_problem()
+    )
     if client.kind != "c" or client.exe is None:
         sys_why = cg_why = "needs the C load client's COUNT mode (no C compiler)"
     for spec in specs:
