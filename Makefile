@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 TARGETS ?=
 PYTEST_ARGS ?=
 
-.PHONY: help venv lint typecheck actionlint check unit test test-all-os setup setup-check \
+.PHONY: help venv lint typecheck actionlint shellcheck check unit test test-all-os setup setup-check \
 	targets bench compose-up compose-down clean
 
 help:
@@ -48,31 +48,41 @@ typecheck: $(STAMP)
 actionlint: $(STAMP)
 	$(VENV)/bin/actionlint .github/workflows/*.yml
 
-check: lint typecheck actionlint ; @command -v shellcheck >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq --no-install-recommends shellcheck >/dev/null; }; shellcheck vagrant/*.sh
+# The shell scripts; shellcheck comes from the set-up (kind "lint"), like every engine.
+shellcheck:
+	@scripts/setup-engines.sh start lint
+	shellcheck vagrant/*.sh vagrant/box/*.sh scripts/*.sh .ci/run
 
-# The host-only tests: the server on every backend this kernel has, its fault suite, the pieces, the harness.
+check: lint typecheck actionlint shellcheck
+
+# Runs the command $(1) with the engines of the kinds $(2) made sure of first
+# (scripts/setup-engines.sh: installs and starts what is missing, where it may), and
+# stops afterwards what it started itself, recorded in a state file of this run: on
+# success, on failure and on Ctrl-C alike (the EXIT trap; INT and TERM exit through it).
+# $(2) empty: the kinds of the targets TARGETS selects.
+define with_engines
+	@state=$$(mktemp "$${TMPDIR:-/tmp}/iomux-setup.XXXXXX"); \
+	trap '{ set +x; } 2>/dev/null; scripts/setup-engines.sh stop --state "$$state"' EXIT; \
+	trap 'exit 130' INT; trap 'exit 143' TERM; \
+	TARGETS="$(TARGETS)" PY="$(PY)" scripts/setup-engines.sh start --state "$$state" $(2) \
+		|| echo "[setup] set-up failed; what needs it is reported not run"; \
+	set -x; $(1)
+endef
+
+# The host-only tests: the server on every backend this kernel has, its fault suite, the
+# pieces, the harness (which drives every kind's engine, and the browser for the report).
 unit: $(STAMP)
-	@scripts/setup-engines.sh start browser
-	$(PY) -m pytest -n 2 tests/unit tests/server tests/faults tests/harness $(PYTEST_ARGS)
+	$(call with_engines,$(PY) -m pytest -n 2 tests/unit tests/server tests/faults tests/harness $(PYTEST_ARGS),local docker vagrant gvisor uml browser)
 
 test: check unit test-all-os
 
 # One xdist worker per selected target; --dist loadgroup keeps a target's tests on
 # one worker. The report (results.json, junit.xml, ...) goes to reports/<run-id>/.
-#
-# Before the run, scripts/setup-engines.sh makes sure of the engines the selected
-# targets need (installs and starts what is missing, where it may); afterwards it
-# stops what it started itself, recorded in a state file of this run: on success,
-# on failure and on Ctrl-C alike (the EXIT trap; INT and TERM exit through it).
+# The engines are those of the selected targets' kinds (with_engines above).
 test-all-os: $(STAMP)
-	@state=$$(mktemp "$${TMPDIR:-/tmp}/iomux-setup.XXXXXX"); \
-	trap '{ set +x; } 2>/dev/null; scripts/setup-engines.sh stop --state "$$state"' EXIT; trap 'exit 130' INT; \
-	trap 'exit 143' TERM; \
-	TARGETS="$(TARGETS)" PY="$(PY)" scripts/setup-engines.sh start --state "$$state" \
-		|| echo "[setup] set-up failed; the targets that need it are reported not run"; \
-	set -x; $(PY) -m pytest -p harness.plugin tests/cross_os $(if $(TARGETS),--targets $(TARGETS)) \
+	$(call with_engines,$(PY) -m pytest -p harness.plugin tests/cross_os $(if $(TARGETS),--targets $(TARGETS)) \
 		-n $$($(PY) -m harness.targets --count $(if $(TARGETS),--targets $(TARGETS)) 2>/dev/null || echo 1) \
-		--dist loadgroup $(PYTEST_ARGS)
+		--dist loadgroup $(PYTEST_ARGS),)
 
 # Install and start the engines, and leave them up (make test-all-os stops what it starts).
 setup: $(STAMP)

@@ -7,8 +7,8 @@
 #   scripts/setup-engines.sh stop               stop only what the state file says we started
 #   scripts/setup-engines.sh status [KIND...]   one line per engine
 #
-# KIND is a target kind of targets.toml (local docker vagrant gvisor uml) or "browser"
-# (chromium, for the report's browser test). Without KIND: the kinds of the targets
+# KIND is a target kind of targets.toml (local docker vagrant gvisor uml), "browser"
+# (chromium, for the report's browser test) or "lint" (shellcheck, for make check). Without KIND: the kinds of the targets
 # that $TARGETS selects (all of targets.toml when it is empty).
 #
 # What each kind needs (Debian package names):
@@ -18,6 +18,7 @@
 #               tools; virtlogd and libvirtd running (qemu.conf: user/group root)
 #   gvisor, uml scripts/fetch-kernels.sh install (pinned kernels from Debian's archive)
 #   browser     chromium
+#   lint        shellcheck
 #
 # It installs and starts only where it may: a Debian or Ubuntu machine, as root or with
 # passwordless sudo, and IOMUX_SETUP is not 0. Elsewhere it changes nothing, says what is
@@ -62,6 +63,7 @@ VAGRANT=(qemu-system-x86:qemu-system-x86_64 qemu-utils:qemu-img vagrant:vagrant
          dosfstools:mkfs.vfat e2fsprogs:mkfs.ext4 fdisk:sfdisk kpartx:kpartx rsync:rsync
          openssh-client:ssh)
 BROWSER=(chromium:chromium)
+LINT=(shellcheck:shellcheck)
 
 say() { printf '[setup] %s\n' "$*"; }
 die() { printf 'setup-engines: error: %s\n' "$*" >&2; exit 1; }
@@ -74,8 +76,8 @@ while (($#)); do
   case $1 in
     --state) STATE=${2:?--state needs a file}; shift 2 ;;
     --state=*) STATE=${1#--state=}; shift ;;
-    local|docker|vagrant|gvisor|uml|browser) kinds+=("$1"); shift ;;
-    *) die "unknown kind or option '$1' (kinds: local docker vagrant gvisor uml browser)" ;;
+    local|docker|vagrant|gvisor|uml|browser|lint) kinds+=("$1"); shift ;;
+    *) die "unknown kind or option '$1' (kinds: local docker vagrant gvisor uml browser lint)" ;;
   esac
 done
 case $mode in start|--check|check|stop|status) ;; *) usage ;; esac
@@ -119,6 +121,7 @@ wanted=("${COMMON[@]}")
 has_kind docker && wanted+=("${DOCKER[@]}")
 has_kind vagrant && wanted+=("${VAGRANT[@]}")
 has_kind browser && wanted+=("${BROWSER[@]}")
+has_kind lint && wanted+=("${LINT[@]}")
 missing=()
 for req in "${wanted[@]}"; do
   pkg=${req%%:*}
