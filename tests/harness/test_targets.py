@@ -124,7 +124,9 @@ def test_driver_registry(monkeypatch: pytest.MonkeyPatch) -> None:
     assert drivers.get_driver("local").kind == "local"
     with pytest.raises(drivers.UnknownKind) as info:
         drivers.get_driver("podman")
-    assert str(info.value) == "unknown target kind 'podman'; known kinds: local, docker, vagrant"
+    known = ", ".join(drivers.KINDS)
+    assert str(info.value) == f"unknown target kind 'podman'; known kinds: {known}"
+    assert {"local", "docker", "vagrant", "gvisor", "uml"} <= set(drivers.KINDS)
     monkeypatch.setitem(drivers.KINDS, "ghost", "harness.drivers.no_such_module")
     with pytest.raises(drivers.DriverUnavailable, match=r"^driver not available: "):
         drivers.get_driver("ghost")
