@@ -49,7 +49,7 @@ GOALS = [
 IDLE_GOAL_MIB = 32
 # Requests counted per configuration (bench/counts.py scales them down for large messages).
 # (--quick skips callgrind: a Python server takes some 10 s to start under it.)
-COUNT_REQUESTS, QUICK_COUNT_REQUESTS = 10000, 2000
+COUNT_REQUESTS, QUICK_COUNT_REQUESTS = 10000, 1000
 CALLGRIND_REQUESTS, QUICK_CALLGRIND_REQUESTS = 1000, 0
 Json = dict[str, Any]
 
