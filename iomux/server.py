@@ -31,10 +31,13 @@ Kernel facts the loop relies on, beside the code that needs them:
   edge. But a FIN that was already queued behind the data is returned by the
   *next* read (as 0) and raises no new edge. So an edge-triggered reader may
   stop at a short read, one system call less per message, only where the
-  backend reports a queued FIN in the event itself (``native_eof``: epoll's
-  EPOLLRDHUP), and that bit is not set; nginx's ngx_unix_recv clears its
-  "ready" flag on the same two conditions. A read that filled the whole
-  buffer is always followed by another.
+  backend reports a queued FIN in the event itself (``native_eof``), and that
+  bit is not set; nginx's ngx_unix_recv clears its "ready" flag on the same
+  two conditions. No backend claims it today: epoll's EPOLLRDHUP would say
+  it on Linux, but gVisor's epoll before 20240729 never sets EPOLLRDHUP (see
+  iomux/backends/epoll.py), and kqueue's EV_EOF is not used for it. So every
+  edge-triggered backend reads on until EAGAIN or EOF. A read that filled
+  the whole buffer is always followed by another.
 - recv returning 0 means the peer shut its write side (or closed): we may
   still write, so a half-closed client gets all its echo before we close.
 - Python ignores SIGPIPE at start-up, so writing to a reset peer raises

@@ -147,6 +147,27 @@ class EchoServerTests:
         assert echoed == payload
         server.wait_stats(open=0)
 
+    def test_fin_queued_behind_the_data(self) -> None:
+        # Stopped, the server cannot read: a message and the client's FIN both wait
+        # in the receive queue, so they raise one readiness (one edge). Its first
+        # read is short and returns the message; only a read after it returns the
+        # EOF. A backend that stops at the short read must know from the event that
+        # a FIN is queued; gVisor's epoll before 2024 never sets EPOLLRDHUP, so an
+        # edge-triggered reader there must read on into EOF or EAGAIN.
+        server = self.serve()
+        for round_ in range(5):
+            with server.connect() as c:
+                assert roundtrip(c, b"hello\n") == b"hello\n"  # accepted and registered
+                server.send_signal(signal.SIGSTOP)
+                try:
+                    c.sendall(b"the last message\n")
+                    c.shutdown(socket.SHUT_WR)
+                    time.sleep(0.05)
+                finally:
+                    server.send_signal(signal.SIGCONT)
+                echoed, ending = read_until_closed(c, timeout=10)
+                assert (echoed, ending) == (b"the last message\n", "eof"), f"round {round_}"
+
     def test_half_close_with_output_still_pending(self) -> None:
         server = self.serve()
         # Written in full (with the EOF) before we read, then read slowly: the
