@@ -1,5 +1,5 @@
 """Every "not run" reason the harness can produce: one line, at most 100 characters
-(140 for the FreeBSD box line), ending in what to do; no registry host or DNS server."""
+(155 for the FreeBSD image line), ending in what to do; no registry host or DNS server."""
 
 from __future__ import annotations
 
