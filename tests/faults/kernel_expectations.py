@@ -1,0 +1,41 @@
+"""What a kernel is expected to do differently in the fault suite, as data.
+
+In the manner of Fuchsia's expectation files (STYLE.md section 7): a test is never
+weakened for a kernel; where a kernel is known to behave differently, the test
+keeps its assertions and carries a named entry here, with the reason and what was
+seen, and conftest.py marks it expected to fail on that kernel only. The kernel
+is the one ``iomux.facts.kernel_identity()`` detects where the suite runs.
+
+An entry is ``strict`` when the difference shows on every run (then an unexpected
+pass fails the suite); a race in the kernel that shows on some runs only is not
+strict, and the report still shows whether it failed (xfailed) or passed (xpassed).
+"""
+
+from __future__ import annotations
+
+from typing import Dict, NamedTuple
+
+
+class Expectation(NamedTuple):
+    """One expected difference: why, and whether it shows on every run."""
+
+    reason: str
+    strict: bool
+
+
+#: kernel family -> test function name -> the expectation (every backend's class).
+EXPECTED_FAILURES: Dict[str, Dict[str, Expectation]] = {
+    "gvisor": {
+        # Seen on runsc 20221219 (every backend, select included) and 20240729 (2 of
+        # 4 backends in one run): with 4 KiB windows, echo stops at about 1.43 MB
+        # of 4 MiB. At the stall the server holds about 200 KB of echo it cannot
+        # send (its sockets are not writable) while each stuck client sits in
+        # recv() on an empty receive queue: the sandbox's netstack holds data
+        # between two loopback sockets whose receiver is reading. A plain blocking
+        # thread echo with the same buffers completes under the same runsc.
+        "test_partial_writes_sha256": Expectation(
+            "gVisor netstack: with 4 KiB windows a loopback transfer can stall with "
+            "data queued while the receiver reads (seen on 20221219 and 20240729)",
+            strict=False),
+    },
+}
