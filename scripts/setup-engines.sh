@@ -187,7 +187,9 @@ configure_qemu() {
 }
 
 start_libvirt() {
-  "${SUDO[@]}" mkdir -p /run/libvirt
+  # virtlogd will not start without its log directory (libvirt-daemon-system's
+  # postinst makes it; a purge of that package removes it, libvirtd stays).
+  "${SUDO[@]}" mkdir -p /run/libvirt /var/log/libvirt/qemu
   local d
   for d in virtlogd libvirtd; do
     alive_pidfile "/run/$d.pid" && continue
@@ -264,15 +266,26 @@ case $mode in
     did=0
     ((${#missing[@]})) && did=1
     install_missing
-    if has_kind docker && ! docker_up; then start_dockerd; did=1; fi
+    # Each engine on its own (a subshell: its die ends only that step), so one that
+    # fails is one line and the others are still set up; the exit status says so.
+    failed=()
+    if has_kind docker && ! docker_up; then
+      did=1; (start_dockerd) || failed+=(docker)
+    fi
     if has_kind vagrant; then
       configure_qemu
-      libvirt_up || { start_libvirt; did=1; }
+      libvirt_up || { did=1; (start_libvirt) || failed+=(vagrant); }
     fi
     if has_kind gvisor || has_kind uml; then
-      out=$(kernels_step install) || die "scripts/fetch-kernels.sh install failed: $out"
-      # Its "nothing to install" is said once, in the line below, with the rest.
-      if [[ -n $out && $out != *"nothing to install"* ]]; then echo "$out"; did=1; fi
+      if out=$(kernels_step install); then
+        # Its "nothing to install" is said once, in the line below, with the rest.
+        if [[ -n $out && $out != *"nothing to install"* ]]; then echo "$out"; did=1; fi
+      else
+        echo "$out"; say "scripts/fetch-kernels.sh install failed"; failed+=(gvisor/uml)
+      fi
+    fi
+    if ((${#failed[@]})); then
+      say "set-up of ${failed[*]} failed; their targets are reported not run"; exit 1
     fi
     ((did)) || say "${kinds[*]}: nothing to install, nothing to start"
     ;;
