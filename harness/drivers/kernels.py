@@ -24,6 +24,7 @@ read-only; each instance writes only to its own tmpfs.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import dataclasses
 import functools
@@ -34,9 +35,9 @@ import shutil
 import subprocess
 import time
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
-from harness.drivers.base import LABEL_PROJECT, PROJECT, Target, TargetError
+from harness.drivers.base import LABEL_PROJECT, PROJECT, ExecResult, Target, TargetError
 
 KERNELS_DIR = Path(os.environ.get("IOMUX_KERNELS_DIR", "/var/cache/iomux/kernels"))
 ROOTFS_DIR = Path(os.environ.get("IOMUX_ROOTFS_DIR", "/var/cache/iomux/rootfs"))
@@ -319,3 +320,15 @@ def kill_marked(marker: str, settle: float = 5.0) -> list[int]:
     while marked_pids(marker) and time.monotonic() < deadline:
         time.sleep(0.05)
     return killed
+
+
+def copy_via_exec(exec_: Callable[[Sequence[str], float], ExecResult], where: str, path: str,
+                  dest: Path, timeout: float) -> Path:
+    """Copy ``path`` out of a guest that has no file channel of its own: ``base64``
+    inside (the file may be on the guest's tmpfs), decoded here into ``dest``."""
+    result = exec_(["base64", "-w", "0", path], timeout)
+    if result.rc != 0:
+        raise TargetError(f"copy: {path} in {where}: {result.stderr.strip() or result.rc}")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    dest.write_bytes(base64.b64decode(result.stdout))
+    return dest

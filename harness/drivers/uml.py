@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import functools
 import json
 import os
 import shutil
@@ -278,14 +279,9 @@ class UMLDriver(Driver):
         raise TargetError(f"{instance.resource_name}: {UNREACHABLE}")
 
     def copy_from(self, instance: Instance, path: str, dest: Path, timeout: float) -> Path:
-        """``base64`` inside (the file is on the guest's tmpfs), decoded here."""
-        result = self.exec(instance, ["base64", "-w", "0", path], timeout)
-        if result.rc != 0:
-            raise TargetError(f"copy: {path} in {instance.resource_name}: "
-                              f"{result.stderr.strip() or result.rc}")
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        dest.write_bytes(base64.b64decode(result.stdout))
-        return dest
+        """``base64`` inside, decoded here (kernels.copy_via_exec)."""
+        return kernels.copy_via_exec(functools.partial(self.exec, instance),
+                                     instance.resource_name, path, dest, timeout)
 
     def save_logs(self, instance: Instance, dest: Path) -> list[Path]:
         """The guest's console (kernel messages and the agent's own)."""
