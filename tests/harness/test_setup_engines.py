@@ -207,3 +207,21 @@ def test_make_runs_stop_on_ctrl_c(machine: dict[str, Path], tmp_path: Path) -> N
     assert "[setup] stopping dockerd" in out, out
     assert not machine["up"].exists()
     assert list(tmp_path.glob("iomux-setup.*")) == []  # the state file went with it
+
+
+def test_one_engine_that_fails_leaves_the_others_set_up(machine: dict[str, Path]) -> None:
+    """A dockerd that will not start is one line and exit 1; the kernels are still fetched."""
+    machine["uid"].write_text("0\n")
+    _stub(machine["bin"], ".dockerd", f'echo "dockerd $*" >>{machine["calls"]}; exit 1')
+    kernels = machine["tmp"] / "fetch-kernels.sh"
+    _stub(machine["tmp"], "fetch-kernels.sh",
+          f'echo "fetch-kernels $*" >>{machine["calls"]}; echo "fetched runsc 0.0~test"')
+    proc = run(machine, "start", "docker", "gvisor", IOMUX_SETUP_WAIT="2",
+               IOMUX_FETCH_KERNELS=str(kernels))
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "fetch-kernels install" in calls(machine)
+    assert "fetched runsc 0.0~test" in proc.stdout
+    assert "[setup] set-up of docker failed; their targets are reported not run" in proc.stdout
+    assert "dockerd did not answer" in proc.stderr
+    # What it did start is still recorded, so stop can take it down.
+    assert (machine["tmp"] / "state").read_text().split()[0] == "dockerd"
