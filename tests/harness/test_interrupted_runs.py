@@ -154,6 +154,14 @@ def _labels(run_id: str) -> dict[str, list[str]]:
 
 
 def _containers(run_id: str) -> list[Any]:
+    import docker.errors
+    # containers.list inspects each container it lists: one the run removes in
+    # between is a 404 (NotFound), and the listing is simply taken again.
+    for _ in range(20):
+        try:
+            return list(_docker_client().containers.list(all=True, filters=_labels(run_id)))
+        except docker.errors.NotFound:
+            time.sleep(0.1)
     return list(_docker_client().containers.list(all=True, filters=_labels(run_id)))
 
 
