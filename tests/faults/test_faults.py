@@ -513,7 +513,8 @@ class ServerFaultTests:
         Injection: 100 clients write a repeating 64 KiB pattern forever and read
         their echo; the server gets SIGTERM with ``--drain-timeout 1``.
         Must hold: the server exits 0 within the drain timeout (plus 3 s of
-        slack), and every client sees an exact prefix of its own bytes and then
+        slack, stretched like every wait for a slow target: on a one-vCPU kernel
+        these 100 clients' own loop competes with the server), and every client sees an exact prefix of its own bytes and then
         a close (EOF or reset), never a hang.
         """
         server = self.serve("--drain-timeout", "1")
@@ -566,7 +567,8 @@ class ServerFaultTests:
             exited_after = time.monotonic() - term_at[0]
         assert term_at[0], "SIGTERM was never sent"
         assert status == 0
-        assert exited_after < 1 + 3, f"exit {exited_after:.1f}s after SIGTERM with --drain-timeout 1"
+        assert exited_after < 1 + wait(3), \
+            f"exit {exited_after:.1f}s after SIGTERM with --drain-timeout 1"
         assert all(g > 0 for g in got), "a client never got an echo before the stop"
 
 
