@@ -16,7 +16,7 @@
 #   docker      docker.io and dockerd running; debootstrap (offline base images)
 #   vagrant     qemu, libvirt, vagrant, vagrant-libvirt and the offline box's build
 #               tools; virtlogd and libvirtd running (qemu.conf: user/group root)
-#   gvisor, uml scripts/fetch-kernels.sh install (pinned kernels from Debian's archive)
+#   gvisor, uml scripts/fetch-kernels.sh install (pinned kernels from Debian's archive); and docker (their userland is the debian-12 image)
 #   browser     chromium
 #   lint        shellcheck
 #
@@ -92,6 +92,9 @@ if ((${#kinds[@]} == 0)) && [[ $mode != stop ]]; then
   fi
 fi
 has_kind() { local k; for k in "${kinds[@]}"; do [[ $k == "$1" ]] && return 0; done; return 1; }
+# gvisor and uml run over the debian-12 image's exported root (harness/drivers/kernels.py),
+# so they need the Docker engine too, even when no docker target is selected.
+if { has_kind gvisor || has_kind uml; } && ! has_kind docker; then kinds+=(docker); fi
 
 # -- may we change this machine? ---------------------------------------------------------
 SUDO=()

@@ -232,3 +232,15 @@ def test_one_engine_that_fails_leaves_the_others_set_up(machine: dict[str, Path]
     assert "dockerd did not answer" in proc.stderr
     # What it did start is still recorded, so stop can take it down.
     assert (machine["tmp"] / "state").read_text().split()[0] == "dockerd"
+
+
+def test_the_kernel_kinds_bring_the_docker_engine(machine: dict[str, Path]) -> None:
+    """uml (and gvisor) run over the debian-12 image's root: a uml-only run needs dockerd."""
+    machine["uid"].write_text("0\n")
+    kernels = machine["tmp"] / "fetch-kernels.sh"
+    _stub(machine["tmp"], "fetch-kernels.sh", 'echo "nothing to install"')
+    proc = run(machine, "start", "uml", IOMUX_FETCH_KERNELS=str(kernels))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "[setup] installing docker.io" in proc.stdout
+    assert "[setup] starting dockerd" in proc.stdout
+    assert run(machine, "stop").returncode == 0
