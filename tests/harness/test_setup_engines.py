@@ -20,6 +20,18 @@ HIDDEN = {"id", "sudo", "apt-get", "dpkg-query", "docker", "dockerd", "debootstr
           "vagrant", "virsh", "libvirtd", "virtlogd", "chromium", "qemu-system-x86_64", "runsc"}
 
 
+def a_users_shell() -> dict[str, str]:
+    """This process's environment as a user's shell has it: without pytest's variables,
+    and without the outer make's (MAKELEVEL, MAKEFLAGS), which make a nested make print
+    "Entering/Leaving directory" lines no user at a terminal sees (CI's make test does)."""
+    return {k: v for k, v in os.environ.items()
+            if not k.startswith("PYTEST_") and k not in _MAKE_VARIABLES}
+
+
+_MAKE_VARIABLES = {"MAKELEVEL", "MAKEFLAGS", "MFLAGS", "MAKEOVERRIDES", "MAKE_TERMOUT",
+                   "MAKE_TERMERR"}
+
+
 def _stub(bindir: Path, name: str, body: str) -> None:
     path = bindir / name
     path.write_text("#!/bin/bash\n" + body + "\n")
@@ -144,7 +156,7 @@ def test_make_runs_stop_when_the_tests_fail(machine: dict[str, Path], tmp_path: 
     fake.write_text("#!/bin/bash\ncase \"$*\" in *--kinds*) echo docker;; *--count*) echo 1;;"
                     " *) exit 1;; esac\n")
     fake.chmod(0o755)
-    env = {**os.environ, "PATH": f"{machine['bin']}", "IOMUX_SETUP_LOG_DIR": str(tmp_path),
+    env = {**a_users_shell(), "PATH": f"{machine['bin']}", "IOMUX_SETUP_LOG_DIR": str(tmp_path),
            "IOMUX_SETUP_WAIT": "10", "TMPDIR": str(tmp_path)}
     proc = subprocess.run(["make", "-o", ".venv/.installed", "test-all-os", f"PY={fake}"],
                           cwd=REPO, capture_output=True, text=True, timeout=120, env=env,
@@ -159,7 +171,7 @@ def test_make_test_all_os_as_a_user_who_may_not_install(machine: dict[str, Path]
                                                         tmp_path: Path) -> None:
     # The README's main command where nothing may be installed: it changes nothing,
     # runs what it can (local), says in one line why the rest did not run, exits 0.
-    env = {**{k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")},
+    env = {**a_users_shell(),
            "PATH": str(machine["bin"]),  # not TMPDIR: the local servers run as nobody
            "DOCKER_HOST": f"unix://{tmp_path}/no-docker.sock"}
     proc = subprocess.run(
@@ -190,7 +202,7 @@ def test_make_runs_stop_on_ctrl_c(machine: dict[str, Path], tmp_path: Path) -> N
     fake.write_text("#!/bin/bash\ncase \"$*\" in *--kinds*) echo docker;; *--count*) echo 1;;"
                     f" *) touch {tmp_path}/testing; exec sleep 60;; esac\n")
     fake.chmod(0o755)
-    env = {**os.environ, "PATH": f"{machine['bin']}", "IOMUX_SETUP_LOG_DIR": str(tmp_path),
+    env = {**a_users_shell(), "PATH": f"{machine['bin']}", "IOMUX_SETUP_LOG_DIR": str(tmp_path),
            "IOMUX_SETUP_WAIT": "10", "TMPDIR": str(tmp_path)}
     # SIGINT as a terminal's foreground job has it: under a parent that ignores it
     # (a background job, a CI step) make, its shell and sleep would inherit SIG_IGN,
