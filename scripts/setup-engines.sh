@@ -15,7 +15,8 @@
 #   every kind  strace (the registration probe counts system calls with it)
 #   docker      docker.io and dockerd running; debootstrap (offline base images)
 #   vagrant     qemu, libvirt, vagrant, vagrant-libvirt and the offline box's build
-#               tools; virtlogd and libvirtd running (qemu.conf: user/group root)
+#               tools; virtlogd and libvirtd running (qemu.conf: user/group root);
+#               genisoimage and xz for the FreeBSD box recipe (vagrant/box/freebsd.sh)
 #   gvisor, uml scripts/fetch-kernels.sh install (pinned kernels from Debian's archive); and docker (their userland is the debian-12 image)
 #   browser     chromium
 #   lint        shellcheck
@@ -61,7 +62,7 @@ VAGRANT=(qemu-system-x86:qemu-system-x86_64 qemu-utils:qemu-img vagrant:vagrant
          vagrant-libvirt: libvirt-daemon-system:libvirtd libvirt-clients:virsh
          debootstrap:debootstrap parted:parted grub-pc-bin: grub2-common:grub-install
          dosfstools:mkfs.vfat e2fsprogs:mkfs.ext4 fdisk:sfdisk kpartx:kpartx rsync:rsync
-         openssh-client:ssh)
+         openssh-client:ssh genisoimage:genisoimage xz-utils:xz)
 BROWSER=(chromium:chromium)
 LINT=(shellcheck:shellcheck)
 
