@@ -8,6 +8,7 @@ back, and each inner test recorded under the report suite it belongs to
 
 from __future__ import annotations
 
+import json
 import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,36 @@ from harness.plugin import RunningTarget
 
 #: The behaviour suite takes about a minute here; a VM under emulation is slower.
 INNER_TIMEOUT = 1800.0
+
+#: Runs the inner pytest in this process (``pytest.main``, as ``-m pytest`` would; a
+#: timeout still kills the one process) and prints, as its last line on stderr, its wall
+#: seconds and the CPU seconds of the process and of every child it waited for (the echo
+#: servers the tests start): os.times(), POSIX, so the same on every kernel.
+#: Python 3.9-compatible, since it runs on the target's interpreter.
+CPU_MARKER = "IOMUX-SUITE-CPU "
+_MEASURE = (
+    "import json, os, sys, time\n"
+    "t = time.monotonic()\n"
+    "import pytest\n"
+    "rc = int(pytest.main(sys.argv[1:]))\n"
+    "c = os.times()\n"
+    "sys.stdout.flush()\n"
+    f"sys.stderr.write({CPU_MARKER!r} + json.dumps({{'wall_s': time.monotonic() - t, "
+    "'cpu_s': c.user + c.system + c.children_user + c.children_system}) + '\\n')\n"
+    "sys.exit(rc)\n")
+
+
+def suite_cpu(stderr: str) -> dict[str, float] | None:
+    """The wall and CPU seconds the measuring wrapper printed, or None."""
+    for line in reversed(stderr.splitlines()):
+        if line.startswith(CPU_MARKER):
+            try:
+                found = json.loads(line[len(CPU_MARKER):])
+            except ValueError:
+                return None
+            return {k: round(float(found[k]), 3) for k in ("wall_s", "cpu_s")
+                    if isinstance(found.get(k), (int, float))}
+    return None
 
 
 def target_python(rt: RunningTarget) -> str:
@@ -62,13 +93,17 @@ def run_inner_suite(running_target: RunningTarget, request: pytest.FixtureReques
     data = running_target.instance.data
     scratch = str(data.get("scratch_dir", "/tmp"))
     inner_xml = f"{scratch}/iomux-{suite}.xml"
-    argv = [target_python(running_target), "-m", "pytest", "-p", "no:cacheprovider", "-q",
+    python = target_python(running_target)
+    argv = [python, "-c", _MEASURE, "-p", "no:cacheprovider", "-q",
             tests_dir, "--junitxml", inner_xml]
     if env:
         # env(1) takes NAME=VALUE words as data: no shell is involved.
         argv = ["env", *(f"{k}={v}" for k, v in sorted(env.items())), *argv]
     result = running_target.exec(argv, timeout=INNER_TIMEOUT)
     (running_target.report_dir / f"{suite}.txt").write_text(result.stdout + result.stderr)
+    measured = suite_cpu(result.stderr)
+    if measured:
+        running_target.record(f"suite_cpu:{suite}", measured)
     # pytest's exit status: 0 all passed, 1 some failed; anything else means the
     # suite itself could not run (usage error, no tests, internal error).
     assert result.rc in (0, 1), (f"inner pytest exited {result.rc}:\n"

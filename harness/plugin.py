@@ -58,6 +58,9 @@ TARGET_ARG = "_iomux_target"
 BACKEND_ARG = "target_backend"
 PROP_TARGET = "iomux_target"
 PROP_SUITE = "iomux_suite"
+#: CPU seconds (user + system, the worker and the children it waited for) of one
+#: test phase, on the host: the harness's own share, not the target's.
+PROP_HARNESS_CPU = "iomux_harness_cpu"
 STATE_KEY = pytest.StashKey["Harness"]()
 
 #: Where every harness run on this machine registers itself while it is alive
@@ -160,6 +163,27 @@ class RunningTarget:
     def record(self, key: str, value: object) -> None:
         """Put ``value`` under ``key`` in this target's entry of results.json."""
         self._events.emit(self.target.name, "record", key=key, value=value)
+
+
+def suite_timings_of(tests: list[dict[str, Any]], records: dict[str, Any]
+                     ) -> dict[str, dict[str, Any]]:
+    """Per suite: its tests, their wall seconds, the harness's CPU seconds on the host,
+    and, for a suite run inside the target, that pytest's CPU seconds there (recorded by
+    harness.guest_suites as ``suite_cpu:<suite>``; None elsewhere). Wall against CPU
+    says whether a suite computes or waits (DESIGN.md section 4)."""
+    out: dict[str, dict[str, Any]] = {}
+    for t in tests:
+        entry = out.setdefault(t["suite"], {"tests": 0, "wall_s": 0.0, "harness_cpu_s": 0.0,
+                                            "target_cpu_s": None})
+        entry["wall_s"] += float(t.get("duration") or 0.0)
+        entry["harness_cpu_s"] += float(t.get("harness_cpu") or 0.0)
+    for suite, entry in out.items():
+        entry["wall_s"] = round(entry["wall_s"], 3)
+        entry["harness_cpu_s"] = round(entry["harness_cpu_s"], 3)
+        inner = records.get(f"suite_cpu:{suite}")
+        if isinstance(inner, dict) and isinstance(inner.get("cpu_s"), (int, float)):
+            entry["target_cpu_s"] = round(float(inner["cpu_s"]), 3)
+    return out
 
 
 class Harness:
@@ -348,8 +372,12 @@ class Harness:
         record = self.tests.setdefault(nodeid, {
             "target": name, "suite": str(props.get(PROP_SUITE) or "unknown"),
             "name": nodeid.split("/")[-1], "outcome": None, "duration": 0.0,
+            "harness_cpu": 0.0,
         })
         record["duration"] = round(record["duration"] + report.duration, 4)
+        cpu = props.get(PROP_HARNESS_CPU)
+        if isinstance(cpu, (int, float)):
+            record["harness_cpu"] = round(record["harness_cpu"] + cpu, 4)
         xfail = hasattr(report, "wasxfail")
         if report.failed:
             record["outcome"] = "failed" if report.when == "call" else "error"
@@ -398,6 +426,9 @@ class Harness:
             for t in tests:
                 if t["outcome"] is None:  # set up, never finished: Ctrl-C or a dead worker
                     t["outcome"], t["message"] = "error", "did not finish (interrupted)"
+            # Before the in-guest wrappers give way to their inner tests: a wrapper's
+            # duration and harness CPU are its whole suite's.
+            suite_timings = suite_timings_of(tests, records)
             # Each in-guest runner records its inner tests as "inner_tests:<suite>".
             inner = [t for key, value in records.items()
                      if key.startswith("inner_tests") and isinstance(value, list)
@@ -409,6 +440,10 @@ class Harness:
                     {k: v for k, v in t.items() if k != "via"} for t in inner]
             for t in tests:
                 t.pop("target", None)
+                t.pop("harness_cpu", None)
+            for t in tests:
+                if t["suite"] in suite_timings:
+                    suite_timings[t["suite"]]["tests"] += 1
             suites: dict[str, dict[str, int]] = {}
             for t in tests:
                 counts = suites.setdefault(t["suite"], {"passed": 0, "failed": 0, "skipped": 0})
@@ -452,6 +487,7 @@ class Harness:
                 "python": records.get("python") or target.python,
                 "backends": list(records.get("backends") or target.backends),
                 "suites": suites, "tests": tests, "timings": timings,
+                "suite_timings": suite_timings,
                 "elapsed": (round(info["last"] - info["first"], 3)
                             if info["first"] is not None and status != "not run" else None),
             }
@@ -460,7 +496,7 @@ class Harness:
             if isinstance(records.get("build"), dict):
                 entry["build"] = records["build"]
             for key, value in records.items():
-                if key.startswith("inner_tests"):
+                if key.startswith(("inner_tests", "suite_cpu:")):
                     continue
                 if key not in ("probe", "build", "os", "kernel", "python",
                                "backends", "claims"):
@@ -661,11 +697,33 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         items[:] = keep
 
 
+_CPU_MARK = pytest.StashKey[float]()
+
+
+def _cpu_seconds() -> float:
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None
+                            ) -> Generator[None, object, object]:
+    """Mark the CPU clock where a test starts (its phases are measured from here)."""
+    item.stash[_CPU_MARK] = _cpu_seconds()
+    return (yield)
+
+
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]
                               ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
-    """Remember which targets had a failure (their logs are saved before destroy)."""
+    """Remember which targets had a failure (their logs are saved before destroy), and
+    give each phase's report the harness's CPU seconds since the last phase."""
     report = yield
+    now = _cpu_seconds()
+    mark = item.stash.get(_CPU_MARK, None)
+    if mark is not None:
+        report.user_properties.append((PROP_HARNESS_CPU, round(now - mark, 4)))
+    item.stash[_CPU_MARK] = now
     if report.failed:
         props = dict(item.user_properties)
         name = props.get(PROP_TARGET)

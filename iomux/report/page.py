@@ -190,6 +190,17 @@ def _timings(results: Dict[str, Any]) -> str:
     return _table(["target", *model.PHASES, "total"], rows, numeric_from=1)
 
 
+def _suite_timings(results: Dict[str, Any]) -> str:
+    rows = [
+        "<tr>" + "".join(f'<td class="name">{escape(c)}</td>' for c in r[:2])
+        + "".join(f'<td class="num">{escape(c)}</td>' for c in r[2:]) + "</tr>"
+        for r in text.suite_timing_rows(results)
+    ]
+    if not rows:
+        return '<p class="meta">No suite timings recorded.</p>'
+    return _table(text.SUITE_TIMING_HEADER, rows, numeric_from=2)
+
+
 CLAIMS_CSS = """
 .claims-grid td, .claims-grid th { min-width: 90px; }
 .claims-grid td.claim-text { min-width: 260px; max-width: 420px; }
@@ -368,6 +379,9 @@ def report_html(results: Dict[str, Any], run_dir: Optional[Path] = None) -> str:
         _timing_bars(results),
         "<details><summary>timings in seconds</summary>",
         f'<div class="scroll">{_timings(results)}</div></details>',
+        "<details><summary>suite timings in seconds (wall against CPU: waiting or "
+        "computing)</summary>",
+        f'<div class="scroll" id="suite-timings">{_suite_timings(results)}</div></details>',
         "<h2>Details</h2>",
         "<details><summary>targets &times; backends &times; suites (kind, OS, kernel, "
         "Python; passed / failed / skipped)</summary>",

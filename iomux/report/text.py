@@ -138,6 +138,26 @@ def timings_rows(results: Dict[str, Any]) -> List[List[str]]:
     return rows
 
 
+SUITE_TIMING_HEADER = ["target", "suite", "tests", "wall", "harness CPU", "target CPU",
+                       "CPU/wall"]
+
+
+def suite_timing_rows(results: Dict[str, Any]) -> List[List[str]]:
+    """Per target and suite: tests, wall seconds, the harness's CPU seconds on the host,
+    the suite's own CPU seconds in the target (in-guest suites), and CPU over wall:
+    near 0 a suite waits, near 1 (or more, with children) it computes."""
+    rows = []
+    for t in model.targets(results):
+        for suite, entry in sorted((t.get("suite_timings") or {}).items()):
+            wall = _number(entry.get("wall_s"))
+            inner = _number(entry.get("target_cpu_s"))
+            cpu = inner if inner is not None else _number(entry.get("harness_cpu_s"))
+            share = f"{cpu / wall:.2f}" if cpu is not None and wall else ""
+            rows.append([str(t.get("name")), suite, str(entry.get("tests", "")), _seconds(wall),
+                         _seconds(entry.get("harness_cpu_s")), _seconds(inner), share])
+    return rows
+
+
 def _seconds(value: Any) -> str:
     number = _number(value)
     return "" if number is None else f"{number:.1f}"
@@ -203,6 +223,10 @@ def summary_md(results: Dict[str, Any]) -> str:
 
     lines += ["", "## Timings (seconds)", ""]
     lines += _md_table(["target", *model.PHASES, "total"], timings_rows(results))
+    suite_rows = suite_timing_rows(results)
+    if suite_rows:
+        lines += ["", "## Suite timings (seconds)", ""]
+        lines += _md_table(SUITE_TIMING_HEADER, suite_rows)
 
     if results.get("claims"):
         lines += claims_md(results)

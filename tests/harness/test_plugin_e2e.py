@@ -69,6 +69,16 @@ def test_local_passes_and_a_missing_engine_is_not_run(tmp_path: Path) -> None:
     assert all(t["duration"] >= 0 and t["outcome"] in ("passed", "skipped") for t in ours)
     assert all(t["outcome"] == "passed" for t in ours if t["suite"] != "host")
     assert local["timings"]["build"] is not None and local["timings"]["destroy"] is not None
+    # Per suite: its tests, wall, the harness's CPU, and the target's CPU for a suite
+    # run inside the target (the fault suite here; the behaviour suite is deselected).
+    timing = local["suite_timings"]
+    assert set(timing) == set(suites)
+    for name, entry in timing.items():
+        assert entry["tests"] == sum(suites[name].values()), (name, entry, suites[name])
+        assert entry["wall_s"] >= 0 and entry["harness_cpu_s"] >= 0
+    assert timing["faults"]["target_cpu_s"] > 0 and timing["faults"]["wall_s"] > 0
+    assert timing["black-box"]["target_cpu_s"] is None
+    assert timing["black-box"]["harness_cpu_s"] > 0
 
     docker = by_name["debian-12"]
     assert docker["status"] == "not run"
