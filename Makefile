@@ -72,7 +72,7 @@ endef
 # The host-only tests: the server on every backend this kernel has, its fault suite, the
 # pieces, the harness (which drives every kind's engine, and the browser for the report).
 unit: $(STAMP)
-	$(call with_engines,$(PY) -m pytest -n 2 tests/unit tests/server tests/faults tests/harness $(PYTEST_ARGS),local docker vagrant gvisor uml browser)
+	$(call with_engines,$(PY) -m pytest -n 2 tests/unit tests/server tests/faults tests/harness $(PYTEST_ARGS),local docker vagrant gvisor uml browser bench)
 
 test: check unit test-all-os
 
@@ -95,7 +95,7 @@ targets: $(STAMP)
 	@$(PY) -m harness.targets --list $(if $(TARGETS),--targets $(TARGETS))
 
 bench: $(STAMP)
-	$(PY) -m bench $(BENCH_ARGS)
+	$(call with_engines,$(PY) -m bench $(BENCH_ARGS),bench)
 
 # compose.yaml by hand: `docker compose` (v2) if the CLI has it, else `docker-compose` (v1).
 COMPOSE = $(shell if docker compose version >/dev/null 2>&1; then echo "docker compose"; \

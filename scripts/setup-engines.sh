@@ -8,7 +8,8 @@
 #   scripts/setup-engines.sh status [KIND...]   one line per engine
 #
 # KIND is a target kind of targets.toml (local docker vagrant gvisor uml), "browser"
-# (chromium, for the report's browser test) or "lint" (shellcheck, for make check). Without KIND: the kinds of the targets
+# (chromium, for the report's browser test), "lint" (shellcheck, for make check) or
+# "bench" (perf and valgrind, for bench/counts.py and its tests). Without KIND: the kinds of the targets
 # that $TARGETS selects (all of targets.toml when it is empty).
 #
 # What each kind needs (Debian package names):
@@ -16,10 +17,13 @@
 #   docker      docker.io and dockerd running; debootstrap (offline base images)
 #   vagrant     qemu, libvirt, vagrant, vagrant-libvirt and the offline box's build
 #               tools; virtlogd and libvirtd running (qemu.conf: user/group root);
-#               genisoimage and xz for the FreeBSD box recipe (vagrant/box/freebsd.sh)
+#               genisoimage and xz for the FreeBSD box recipe (vagrant/box/freebsd.sh);
+#               xmllint, which libvirt's virt-xml-validate runs (it does not depend on it)
 #   gvisor, uml scripts/fetch-kernels.sh install (pinned kernels from Debian's archive); and docker (their userland is the debian-12 image)
 #   browser     chromium
 #   lint        shellcheck
+#   bench       linux-perf (perf stat: system calls per request), valgrind (callgrind:
+#               instructions per request)
 #
 # It installs and starts only where it may: a Debian or Ubuntu machine, as root or with
 # passwordless sudo, and IOMUX_SETUP is not 0. Elsewhere it changes nothing, says what is
@@ -62,9 +66,10 @@ VAGRANT=(qemu-system-x86:qemu-system-x86_64 qemu-utils:qemu-img vagrant:vagrant
          vagrant-libvirt: libvirt-daemon-system:libvirtd libvirt-clients:virsh
          debootstrap:debootstrap parted:parted grub-pc-bin: grub2-common:grub-install
          dosfstools:mkfs.vfat e2fsprogs:mkfs.ext4 fdisk:sfdisk kpartx:kpartx rsync:rsync
-         openssh-client:ssh genisoimage:genisoimage xz-utils:xz)
+         openssh-client:ssh genisoimage:genisoimage xz-utils:xz libxml2-utils:xmllint)
 BROWSER=(chromium:chromium)
 LINT=(shellcheck:shellcheck)
+BENCH=(linux-perf:perf valgrind:valgrind)
 
 say() { printf '[setup] %s\n' "$*"; }
 die() { printf 'setup-engines: error: %s\n' "$*" >&2; exit 1; }
@@ -77,8 +82,8 @@ while (($#)); do
   case $1 in
     --state) STATE=${2:?--state needs a file}; shift 2 ;;
     --state=*) STATE=${1#--state=}; shift ;;
-    local|docker|vagrant|gvisor|uml|browser|lint) kinds+=("$1"); shift ;;
-    *) die "unknown kind or option '$1' (kinds: local docker vagrant gvisor uml browser lint)" ;;
+    local|docker|vagrant|gvisor|uml|browser|lint|bench) kinds+=("$1"); shift ;;
+    *) die "unknown kind or option '$1' (kinds: local docker vagrant gvisor uml browser lint bench)" ;;
   esac
 done
 case $mode in start|--check|check|stop|status) ;; *) usage ;; esac
@@ -126,6 +131,7 @@ has_kind docker && wanted+=("${DOCKER[@]}")
 has_kind vagrant && wanted+=("${VAGRANT[@]}")
 has_kind browser && wanted+=("${BROWSER[@]}")
 has_kind lint && wanted+=("${LINT[@]}")
+has_kind bench && wanted+=("${BENCH[@]}")
 missing=()
 for req in "${wanted[@]}"; do
   pkg=${req%%:*}
