@@ -35,7 +35,6 @@ import argparse
 import contextlib
 import dataclasses
 import datetime
-import fcntl
 import hashlib
 import importlib
 import importlib.util
@@ -51,7 +50,17 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 from harness import reasons
-from harness.drivers.base import LABEL_PROJECT, PROJECT, StepTimeout, Target, TargetError
+from harness.drivers.base import (
+    LABEL_PROJECT,
+    PROJECT,
+    StepTimeout,
+    Target,
+    TargetError,
+    call_with_timeout,
+    exclusive_lock,
+    one_line,
+    run_argv,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILE = REPO_ROOT / "docker" / "Dockerfile"
@@ -142,14 +151,8 @@ def file_lock(name: str) -> Iterator[None]:
 
     The locks live in the temporary directory, not the cache directory: image
     tags belong to the engine, shared by every checkout and cache on the host."""
-    lock_dir = Path(tempfile.gettempdir()) / "iomux-image-locks"
-    lock_dir.mkdir(exist_ok=True)
-    with open(lock_dir / f"{name}.lock", "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+    with exclusive_lock(Path(tempfile.gettempdir()) / "iomux-image-locks" / f"{name}.lock"):
+        yield
 
 
 def offline_recipe(target: Target) -> dict[str, Any] | None:
@@ -281,13 +284,11 @@ class ImageBuilder:
     def try_pull(self, ref: str, timeout: float = PULL_TIMEOUT) -> str | None:
         """Pull ``ref`` once; return None on success, else why not (one line).
 
-        The SDK's pull has no overall timeout, so it runs under the lifecycle's
-        watchdog thread, abandoned (the daemon gives up on its own) on timeout."""
+        The SDK's pull has no overall timeout, so it runs under the watchdog
+        (``call_with_timeout``), abandoned on timeout (the daemon gives up on its own)."""
         remembered = self._remembered_pull_failure(ref)
         if remembered is not None and os.environ.get("IOMUX_BASE_SOURCE") != "registry":
             return remembered
-        from harness.lifecycle import call_with_timeout
-
         repo, _, tag = ref.rpartition(":") if ":" in ref.split("/")[-1] else (ref, "", "latest")
         try:
             call_with_timeout(f"pull {ref}", timeout, lambda: self.client.images.pull(repo, tag=tag))
@@ -671,12 +672,6 @@ def parse_created(text: str) -> float | None:
     return parsed.replace(tzinfo=datetime.timezone.utc).timestamp()
 
 
-def one_line(exc: BaseException) -> str:
-    """An exception as one short line."""
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text if len(text) <= 200 else text[:197] + "..."
-
-
 def _remaining(deadline: float, step: str) -> float:
     left = deadline - time.monotonic()
     if left <= 0:
@@ -685,8 +680,6 @@ def _remaining(deadline: float, step: str) -> float:
 
 
 def _run(argv: list[str], timeout: float, step: str) -> None:
-    from harness.drivers.base import run_argv
-
     result = run_argv(argv, timeout, step)
     if result.rc != 0:
         detail = (result.stderr.strip() or result.stdout.strip()).splitlines() or ["no output"]

@@ -19,12 +19,23 @@ from __future__ import annotations
 import atexit
 import dataclasses
 import functools
-import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence, TypeVar
 
-from harness.drivers.base import Driver, ExecResult, Instance, StepTimeout, Target, TargetError
+# The watchdog lives with the drivers, which call it too, and is re-exported for
+# the plugin. Every call here passes this module's GRACE (a test shortens it).
+from harness.drivers.base import GRACE as GRACE
+from harness.drivers.base import (
+    Driver,
+    ExecResult,
+    Instance,
+    StepTimeout,
+    Target,
+    TargetError,
+    one_line,
+)
+from harness.drivers.base import call_with_timeout as call_with_timeout
 from harness.progress import EventLog
 
 T = TypeVar("T")
@@ -63,15 +74,6 @@ KIND_TIMEOUTS: Mapping[str, Mapping[str, float]] = {
     "vagrant": {"start": 1500, "healthy": 600, "destroy": 600},
 }
 
-#: Seconds the watchdog waits past a step's timeout before it stops waiting for
-#: the driver, which should have raised StepTimeout itself by then.
-GRACE = 15.0
-
-#: After a Ctrl-C, how long a step that creates things (start) is still waited
-#: for, so that what it made is known and destroyed rather than orphaned.
-INTERRUPT_WAIT = 60.0
-
-
 def step_timeouts(target: Target, override: float | None = None) -> dict[str, float]:
     """Timeouts of each step for ``target``: the sequence's, the kind's, the
     target's ``[target.timeouts]`` table, then ``--target-timeout`` for all."""
@@ -85,53 +87,6 @@ def step_timeouts(target: Target, override: float | None = None) -> dict[str, fl
     if override is not None:
         timeouts = {name: (override if value else 0.0) for name, value in timeouts.items()}
     return timeouts
-
-
-def call_with_timeout(step: str, timeout: float, fn: Callable[[], T],
-                      finish_on_interrupt: bool = False) -> T:
-    """Run ``fn`` in a watchdog thread; raise StepTimeout naming ``step`` if it outlives
-    ``timeout`` plus a grace. ``timeout <= 0`` means no watchdog.
-
-    Ctrl-C reaches only the main thread, and ``fn`` goes on in its own: with
-    ``finish_on_interrupt`` the KeyboardInterrupt waits (up to INTERRUPT_WAIT)
-    for ``fn`` to finish first, so that its side effects are complete."""
-    if timeout <= 0:
-        return fn()
-    box: dict[str, Any] = {}
-    # An Event, not Thread.join: a join interrupted by Ctrl-C marks a thread that
-    # is still running as stopped (CPython 3.11's fix for bpo-45274 releases
-    # its state lock), so a second join would not wait.
-    done = threading.Event()
-
-    def body() -> None:
-        try:
-            box["value"] = fn()
-        except BaseException as exc:  # carried over to the calling thread
-            box["error"] = exc
-        finally:
-            done.set()
-
-    # A daemon thread: a driver call that never returns must not keep the
-    # interpreter alive at exit.
-    thread = threading.Thread(target=body, name=f"iomux-{step}", daemon=True)
-    thread.start()
-    try:
-        done.wait(timeout + GRACE)
-    except KeyboardInterrupt:
-        if finish_on_interrupt:
-            done.wait(min(timeout + GRACE, INTERRUPT_WAIT))
-        raise
-    if not done.is_set():
-        raise StepTimeout(f"{step}: timed out after {timeout:g}s (the driver did not return)")
-    if "error" in box:
-        raise box["error"]
-    value: T = box["value"]
-    return value
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
 
 
 class TargetLifecycle:
@@ -172,14 +127,14 @@ class TargetLifecycle:
         label = f"{self.target.name}: {name}"
         try:
             return call_with_timeout(label, self.timeouts[name], fn,
-                                     finish_on_interrupt=name == "start")
+                                     finish_on_interrupt=name == "start", grace=GRACE)
         except (StepTimeout, TargetError) as exc:
-            self._emit("error", step=name, message=_one_line(exc))
+            self._emit("error", step=name, message=one_line(exc, limit=None))
             raise
         except Exception as exc:
             # A driver's own exception type becomes one line that names the step.
-            self._emit("error", step=name, message=_one_line(exc))
-            raise TargetError(f"{label}: {type(exc).__name__}: {_one_line(exc)}") from exc
+            self._emit("error", step=name, message=one_line(exc, limit=None))
+            raise TargetError(f"{label}: {type(exc).__name__}: {one_line(exc, limit=None)}") from exc
         finally:
             seconds = time.monotonic() - started
             self.timings[name] = self.timings.get(name, 0.0) + seconds
@@ -224,7 +179,7 @@ class TargetLifecycle:
         instance = self.instance
         label = f"{self.target.name}: exec {' '.join(argv[:3])}"
         return call_with_timeout(label, timeout, lambda: self.driver.exec(
-            instance, argv, timeout, user))
+            instance, argv, timeout, user), grace=GRACE)
 
     def tear_down(self, failed: bool) -> None:
         """logs-on-failure -> destroy (unless kept). Safe to call more than once; never
@@ -287,13 +242,13 @@ def sweep_leftovers(drivers: Mapping[str, Driver], stale_runs: Sequence[str] | N
         found: list[str] = []
         try:
             if stale_runs is None:
-                found += call_with_timeout(f"sweep {kind}", timeout, driver.sweep)
+                found += call_with_timeout(f"sweep {kind}", timeout, driver.sweep, grace=GRACE)
             else:
                 for run in stale_runs:
                     found += call_with_timeout(f"sweep {kind}", timeout,
-                                               functools.partial(driver.sweep, run))
+                                               functools.partial(driver.sweep, run), grace=GRACE)
         except Exception as exc:
-            found.append(f"sweep failed: {_one_line(exc)}")
+            found.append(f"sweep failed: {one_line(exc, limit=None)}")
         removed[kind] = found
         if events is not None:
             events.phase(f"<{kind}>", "done", f"swept {len(found)}" if found else "nothing to sweep")

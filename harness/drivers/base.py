@@ -1,4 +1,4 @@
-"""The one interface every target kind implements.
+"""The one interface every target kind implements, and the floor the drivers share.
 
 A driver is thin, in the manner of testinfra's backends: it knows how to bring
 one kind of target up and down and how to run a command inside it; the
@@ -6,15 +6,32 @@ lifecycle (harness.lifecycle) decides when each step runs, with a timeout each.
 
 Every resource a driver creates carries the labels ``LABEL_PROJECT`` and
 ``LABEL_RUN`` so that ``sweep()`` can find what an interrupted run left behind.
+
+Below the interface is what every kind (and harness/images.py) uses, kept here
+so that each import arrow points down, to this module: the watchdog
+(``call_with_timeout``), an error as one line (``one_line``), an exclusive file
+lock (``exclusive_lock``), whether a resource's owner still runs
+(``owner_label``/``owner_alive``), and the ``iomux serve`` command line
+(``serve_argv``).
 """
 
 from __future__ import annotations
 
 import abc
+import contextlib
 import dataclasses
+import fcntl
+import os
+import socket
 import subprocess
+import threading
+import time
 from pathlib import Path
-from typing import Any, ClassVar, Mapping, Sequence
+from typing import Any, Callable, ClassVar, Iterator, Mapping, Sequence, TypeVar
+
+from harness import reasons
+
+T = TypeVar("T")
 
 LABEL_PROJECT = "io.iomux.project"
 LABEL_RUN = "io.iomux.run"
@@ -147,3 +164,193 @@ def run_argv(argv: Sequence[str], timeout: float, step: str,
     except FileNotFoundError as exc:
         raise TargetError(f"{step}: {argv[0]} was not found") from exc
     return ExecResult(argv=list(argv), rc=proc.returncode, stdout=proc.stdout, stderr=proc.stderr)
+
+
+# -- the watchdog ----------------------------------------------------------------------
+
+#: Seconds the watchdog waits past a step's timeout before it stops waiting for
+#: the driver, which should have raised StepTimeout itself by then.
+GRACE = 15.0
+
+#: After a Ctrl-C, how long a step that creates things (start) is still waited
+#: for, so that what it made is known and destroyed rather than orphaned.
+INTERRUPT_WAIT = 60.0
+
+
+def call_with_timeout(step: str, timeout: float, fn: Callable[[], T],
+                      finish_on_interrupt: bool = False, grace: float | None = None) -> T:
+    """Run ``fn`` in a watchdog thread.
+
+    Parameters: ``step`` names the step in the error; ``timeout <= 0`` means no
+    watchdog; ``grace`` (default ``GRACE``) is how long past ``timeout`` the
+    watchdog still waits. Ctrl-C reaches only the main thread, and ``fn`` goes on
+    in its own: with ``finish_on_interrupt`` the KeyboardInterrupt waits (up to
+    INTERRUPT_WAIT) for ``fn`` to finish first, so that its side effects are complete.
+
+    Returns what ``fn`` returned. Raises what ``fn`` raised, or StepTimeout
+    naming ``step`` if it outlives ``timeout`` plus the grace."""
+    if timeout <= 0:
+        return fn()
+    grace = GRACE if grace is None else grace
+    box: dict[str, Any] = {}
+    # An Event, not Thread.join: a join interrupted by Ctrl-C marks a thread that
+    # is still running as stopped (CPython 3.11's fix for bpo-45274 releases
+    # its state lock), so a second join would not wait.
+    done = threading.Event()
+
+    def body() -> None:
+        try:
+            box["value"] = fn()
+        except BaseException as exc:  # carried over to the calling thread
+            box["error"] = exc
+        finally:
+            done.set()
+
+    # A daemon thread: a driver call that never returns must not keep the
+    # interpreter alive at exit.
+    thread = threading.Thread(target=body, name=f"iomux-{step}", daemon=True)
+    thread.start()
+    try:
+        done.wait(timeout + grace)
+    except KeyboardInterrupt:
+        if finish_on_interrupt:
+            done.wait(min(timeout + grace, INTERRUPT_WAIT))
+        raise
+    if not done.is_set():
+        raise StepTimeout(f"{step}: timed out after {timeout:g}s (the driver did not return)")
+    if "error" in box:
+        raise box["error"]
+    value: T = box["value"]
+    return value
+
+
+# -- one-line errors -------------------------------------------------------------------
+
+#: The longest error line ``one_line`` makes by default: room for an engine's
+#: sentence inside a TargetError. Twice a "not run" line (harness.reasons.LIMIT),
+#: which reasons.fit() cuts such an error down to where it becomes one.
+ONE_LINE_LIMIT = 2 * reasons.LIMIT
+
+
+def one_line(error: BaseException | str, limit: int | None = ONE_LINE_LIMIT) -> str:
+    """An exception (or a text) as one line for a message.
+
+    Parameters: ``limit``, the longest line (None: the whole first line).
+    Returns the first line of the text, runs of white space folded, cut to
+    ``limit`` with "..."; an exception without text gives its type's name."""
+    lines = str(error).strip().splitlines()
+    text = " ".join(lines[0].split()) if lines else ""
+    if not text:
+        return type(error).__name__ if isinstance(error, BaseException) else ""
+    return text if limit is None or len(text) <= limit else text[:limit - 3] + "..."
+
+
+# -- an exclusive file lock ------------------------------------------------------------
+
+@contextlib.contextmanager
+def exclusive_lock(path: Path, timeout: float | None = None,
+                   poll: float = 1.0) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``path`` (made if absent) for the block.
+
+    One holder at a time across xdist workers and concurrent runs on this host;
+    the kernel drops the lock when its holder dies, even of SIGKILL.
+
+    Parameters: ``timeout`` None waits as long as it takes; otherwise the lock is
+    tried every ``poll`` seconds until ``timeout``. Raises StepTimeout naming the
+    file when the lock was not had in time."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as fh:
+        if timeout is None:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        else:
+            deadline = time.monotonic() + timeout
+            while True:
+                try:
+                    fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        raise StepTimeout(f"waiting for {path.name}: timed out after "
+                                          f"{timeout:g}s") from None
+                    time.sleep(poll)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+# -- who owns a resource ---------------------------------------------------------------
+
+def _process_start(pid: int) -> str:
+    """The start time of ``pid`` in clock ticks (Linux), so a reused pid is not
+    taken for the owner; "" where /proc has no answer."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return ""
+    return stat.rsplit(")", 1)[1].split()[19]
+
+
+def _zombie(pid: int) -> bool:
+    """Whether ``pid`` has exited but is not reaped yet (state Z or X in /proc):
+    a kill -9'd harness worker stays so for a second or more, and is dead."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] in ("Z", "X")
+
+
+def owner_label() -> str:
+    """This process as a resource owner: ``<hostname>:<pid>:<process start ticks>``."""
+    pid = os.getpid()
+    return f"{socket.gethostname()}:{pid}:{_process_start(pid)}"
+
+
+def pid_alive(pid: int, started: str = "") -> bool:
+    """Whether process ``pid`` of this host may still be running (and, given
+    ``started``, is the process that started then, not a reuse of its pid).
+
+    A process we may not signal counts as alive; a zombie counts as dead."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    if _zombie(pid):
+        return False
+    return not started or _process_start(pid) in ("", started)
+
+
+def owner_alive(owner: str) -> bool:
+    """Whether the owner recorded by ``owner_label`` may still be running.
+
+    Owners on other hosts (a shared remote engine) and labels we cannot parse
+    (compose's "compose", a hand-made container) count as alive: only
+    resources of a run that provably died here are swept without a run id."""
+    host, _, rest = owner.partition(":")
+    pid_text, _, started = rest.partition(":")
+    if host != socket.gethostname() or not pid_text.isdigit():
+        return True
+    return pid_alive(int(pid_text), started)
+
+
+# -- the echo server's command line ----------------------------------------------------
+
+def serve_argv(backend: str, port: int, host: str = "127.0.0.1", *,
+               ready_file: str | None = None, quiet: bool = False,
+               python: str | None = None, extra: Sequence[str] = ()) -> list[str]:
+    """The ``iomux serve`` command line of one backend's server.
+
+    Parameters: ``python`` runs ``<python> -m iomux`` (else the ``iomux`` script
+    on the guest's PATH); ``ready_file`` is where the server writes its port and
+    pid once it listens; ``quiet`` drops its per-connection log; ``extra`` words
+    go last (``--stop-on-stdin``)."""
+    argv = [python, "-m", "iomux"] if python else ["iomux"]
+    argv += ["serve", "--backend", backend, "--host", host, "--port", str(port)]
+    if ready_file is not None:
+        argv += ["--ready-file", ready_file]
+    if quiet:
+        argv.append("--quiet")
+    return [*argv, *extra]

@@ -26,10 +26,8 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import os
 import posixpath
 import re
-import socket
 import tarfile
 import threading
 import time
@@ -49,16 +47,16 @@ from harness.drivers.base import (
     StepTimeout,
     Target,
     TargetError,
-)
-from harness.images import (
-    BuildResult,
-    ImageBuilder,
-    docker_errors,
-    docker_sdk,
+    call_with_timeout,
     one_line,
-    parse_created,
+    owner_label,
+    serve_argv,
 )
-from harness.lifecycle import call_with_timeout
+
+# Owner liveness is every driver's (harness.drivers.base); re-exported for the
+# tests that know it from here.
+from harness.drivers.base import owner_alive as owner_alive
+from harness.images import BuildResult, ImageBuilder, docker_errors, docker_sdk, parse_created
 from harness.reasons import Reason
 
 #: "<hostname>:<pid>:<process start ticks>" of the harness process that created
@@ -87,55 +85,6 @@ def _ready_file(backend: str) -> str:
     return f"/tmp/iomux-ready-{backend}.json"
 
 
-def _process_start(pid: int) -> str:
-    """The start time of ``pid`` in clock ticks (Linux), so a reused pid is not
-    taken for the owner; "" where /proc has no answer."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return ""
-    return stat.rsplit(")", 1)[1].split()[19]
-
-
-def _zombie(pid: int) -> bool:
-    """Whether ``pid`` has exited but is not reaped yet (state Z or X in /proc):
-    a kill -9'd harness worker stays so for a second or more, and is dead."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] in ("Z", "X")
-
-
-def owner_label() -> str:
-    """This process as a resource owner."""
-    pid = os.getpid()
-    return f"{socket.gethostname()}:{pid}:{_process_start(pid)}"
-
-
-def owner_alive(owner: str) -> bool:
-    """Whether the owner recorded in a label may still be running.
-
-    Owners on other hosts (a shared remote engine) and labels we cannot parse
-    (compose's "compose", a hand-made container) count as alive: only
-    resources of a run that provably died here are swept without a run id."""
-    host, _, rest = owner.partition(":")
-    pid_text, _, started = rest.partition(":")
-    if host != socket.gethostname() or not pid_text.isdigit():
-        return True
-    pid = int(pid_text)
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    if _zombie(pid):
-        return False
-    return not started or _process_start(pid) in ("", started)
-
-
-
 def remove_container(container: Any, settle: float = 30.0) -> bool:
     """Force-remove ``container``; True if this call removed it.
 
@@ -162,6 +111,7 @@ def remove_container(container: Any, settle: float = 30.0) -> bool:
             break
         time.sleep(0.2)
     return False
+
 
 class DockerDriver(Driver):
     """Linux container targets on a Docker engine."""
@@ -298,8 +248,7 @@ class DockerDriver(Driver):
             client.networks.create(name, driver="bridge", labels=labels, check_duplicate=True)
             container = client.containers.run(
                 self._images.get(target.name, f"iomux/{target.name}:latest"),
-                command=["iomux", "serve", "--backend", "auto", "--port", str(ECHO_PORT),
-                         "--host", "0.0.0.0", "--ready-file", _ready_file("auto")],
+                command=serve_argv("auto", ECHO_PORT, "0.0.0.0", ready_file=_ready_file("auto")),
                 name=name, hostname=re.sub(r"[^a-zA-Z0-9-]", "-", target.name)[:63],
                 detach=True, labels=labels, network=name, ports=ports,
                 user=CONTAINER_USER, read_only=True,
@@ -456,9 +405,8 @@ class DockerDriver(Driver):
             return None
         api = self.client(instance.target).api
         exec_id = api.exec_create(self._container(instance).id,
-                                  ["iomux", "serve", "--backend", backend, "--port", str(port),
-                                   "--host", "0.0.0.0", "--ready-file", _ready_file(backend),
-                                   "--quiet"])["Id"]
+                                  serve_argv(backend, port, "0.0.0.0",
+                                             ready_file=_ready_file(backend), quiet=True))["Id"]
         api.exec_start(exec_id, detach=True)
         return str(exec_id)
 

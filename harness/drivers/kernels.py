@@ -37,7 +37,15 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from harness.drivers.base import LABEL_PROJECT, PROJECT, ExecResult, Target, TargetError
+from harness.drivers.base import (
+    LABEL_PROJECT,
+    PROJECT,
+    ExecResult,
+    Target,
+    TargetError,
+    owner_alive,
+    owner_label,
+)
 
 KERNELS_DIR = Path(os.environ.get("IOMUX_KERNELS_DIR", "/var/cache/iomux/kernels"))
 ROOTFS_DIR = Path(os.environ.get("IOMUX_ROOTFS_DIR", "/var/cache/iomux/rootfs"))
@@ -169,7 +177,7 @@ def ensure_rootfs(target: Target, timeout: float) -> tuple[Path, dict[str, Any]]
     """Build (or find) the userland image and its exported tree; return the tree
     and the build facts (``cached``, ``seconds``, image, rootfs)."""
     from harness.drivers import get_driver
-    from harness.drivers.docker import LABEL_OWNER, DockerDriver, owner_label, remove_container
+    from harness.drivers.docker import LABEL_OWNER, DockerDriver, remove_container
     from harness.images import file_lock
 
     started = time.monotonic()
@@ -262,8 +270,6 @@ STATE_BASE = Path(os.environ.get("IOMUX_KERNEL_STATE_DIR", "/tmp/iomux-kernels")
 def new_instance_dir(kind: str, name: str, run_id: str, rootfs: Path) -> Path:
     """Make the instance's private directory and record its owner and the root
     filesystem it uses (which is then not removed as superseded)."""
-    from harness.drivers.docker import owner_label
-
     path = STATE_BASE / kind / name
     shutil.rmtree(path, ignore_errors=True)
     path.mkdir(parents=True)
@@ -275,8 +281,6 @@ def new_instance_dir(kind: str, name: str, run_id: str, rootfs: Path) -> Path:
 def doomed_dirs(kind: str, run_id: str | None) -> list[Path]:
     """Instance directories to sweep: all of ``run_id``'s, or (without one) those
     whose owner process is provably gone."""
-    from harness.drivers.docker import owner_alive
-
     found = []
     base = STATE_BASE / kind
     for path in sorted(base.iterdir()) if base.is_dir() else []:

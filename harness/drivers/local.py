@@ -41,6 +41,7 @@ from harness.drivers.base import (
     Target,
     TargetError,
     run_argv,
+    serve_argv,
 )
 
 REPO = Path(__file__).resolve().parents[2]
@@ -163,9 +164,9 @@ class LocalDriver(Driver):
         for backend in target.backends:
             log = open(scratch / f"{backend}.log", "wb")  # noqa: SIM115 - closed in destroy
             logs.append(log)
-            argv = [python, "-m", "iomux", "serve", "--backend", backend, "--host", "127.0.0.1",
-                    "--port", "0", "--ready-file", str(scratch / f"{backend}.ready.json"),
-                    "--stop-on-stdin"]
+            argv = serve_argv(backend, 0, python=python,
+                              ready_file=str(scratch / f"{backend}.ready.json"),
+                              extra=["--stop-on-stdin"])
             try:
                 procs[backend] = subprocess.Popen(
                     argv, stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT,

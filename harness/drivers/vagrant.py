@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fcntl
 import hashlib
 import json
 import os
@@ -43,7 +42,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, ClassVar, Iterator, Sequence
+from typing import Any, ClassVar, Sequence
 
 from harness.drivers.base import (
     BACKEND_PORTS,
@@ -56,6 +55,8 @@ from harness.drivers.base import (
     StepTimeout,
     Target,
     TargetError,
+    exclusive_lock,
+    pid_alive,
     run_argv,
 )
 from harness.reasons import Reason
@@ -91,19 +92,6 @@ def _free_port(kind: int = socket.SOCK_STREAM) -> int:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
         return port
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A kill -9'd worker that is not reaped yet (a zombie) answers kill(0) but is dead.
-    with contextlib.suppress(OSError, IndexError):
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    return True
 
 
 def _last_line(text: str) -> str:
@@ -283,7 +271,7 @@ class VagrantDriver(Driver):
         if not (target.box or "").startswith(LOCAL_BOX_PREFIX):
             return {"cached": True, "seconds": 0.0, "box": target.box}
         # One builder at a time across xdist workers; the others then find it cached.
-        with self._lock("box.lock", timeout):
+        with exclusive_lock(STATE_ROOT / "box.lock", timeout):
             if self._local_box_cached(target):
                 return {"cached": True, "seconds": round(time.monotonic() - began, 1),
                         "box": target.box}
@@ -307,7 +295,7 @@ class VagrantDriver(Driver):
         recipe cannot tell whether it is current, and nothing here could rebuild it."""
         began = time.monotonic()
         box = target.box or ""
-        with self._lock("box.lock", timeout):
+        with exclusive_lock(STATE_ROOT / "box.lock", timeout):
             if image.missing_reason() is not None:
                 if self.box_installed(box):
                     return {"cached": True, "seconds": 0.0, "box": box,
@@ -327,24 +315,6 @@ class VagrantDriver(Driver):
                                   f"{_last_line(res.stderr or res.stdout)}")
         return {"cached": False, "seconds": round(time.monotonic() - began, 1), "box": box,
                 "image": image.file, "log": res.stdout.strip().splitlines()[-3:]}
-
-    @contextlib.contextmanager
-    def _lock(self, name: str, timeout: float) -> Iterator[None]:
-        STATE_ROOT.mkdir(parents=True, exist_ok=True)
-        with open(STATE_ROOT / name, "w") as fh:
-            deadline = time.monotonic() + timeout
-            while True:
-                try:
-                    fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    if time.monotonic() > deadline:
-                        raise StepTimeout(f"waiting for {name}: timed out after {timeout:g}s") from None
-                    time.sleep(1)
-            try:
-                yield
-            finally:
-                fcntl.flock(fh, fcntl.LOCK_UN)
 
     # -- start ----------------------------------------------------------------------------
 
@@ -604,7 +574,7 @@ class VagrantDriver(Driver):
                     continue
                 # Without a run id, a directory whose owner is alive belongs to a run
                 # that is still going (another engineer's): not ours to pull.
-                if run_id is None and owner.get("pid") != os.getpid() and _pid_alive(int(owner.get("pid", 0))):
+                if run_id is None and owner.get("pid") != os.getpid() and pid_alive(int(owner.get("pid", 0))):
                     continue
                 target = Target(name=owner["machine"], kind=self.kind, os_family="", backends=())
                 inst = Instance(target=target, run_id=owner[LABEL_RUN],
