@@ -76,12 +76,14 @@ unit: $(STAMP)
 
 test: check unit test-all-os
 
-# One xdist worker per selected target; --dist loadgroup keeps a target's tests on
-# one worker. The report (results.json, junit.xml, ...) goes to reports/<run-id>/.
+# xdist workers: one target each at a time, at most twice the cores (harness.targets
+# --workers; IOMUX_WORKERS=N sets the cap), the heaviest targets (targets.toml weight)
+# first; --dist loadgroup keeps a target's tests on one worker. The report
+# (results.json, junit.xml, ...) goes to reports/<run-id>/.
 # The engines are those of the selected targets' kinds (with_engines above).
 test-all-os: $(STAMP)
 	$(call with_engines,$(PY) -m pytest -p harness.plugin tests/cross_os $(if $(TARGETS),--targets $(TARGETS)) \
-		-n $$($(PY) -m harness.targets --count $(if $(TARGETS),--targets $(TARGETS)) 2>/dev/null || echo 1) \
+		-n $$($(PY) -m harness.targets --workers $(if $(TARGETS),--targets $(TARGETS)) 2>/dev/null || echo 1) \
 		--dist loadgroup $(PYTEST_ARGS),)
 
 # Install and start the engines, and leave them up (make test-all-os stops what it starts).

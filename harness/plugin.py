@@ -632,6 +632,13 @@ def target_of_nodeid(nodeid: str, names: Sequence[str]) -> str | None:
     return max(found, key=len) if found else None
 
 
+def heaviest_first(waiting: list[str], weights: dict[str, float]) -> str:
+    """The target (xdist scope) to start next: the heaviest still waiting (longest
+    processing time first, so the longest target does not begin last and the run end
+    on it alone); ties keep the collection's order, which is targets.toml's."""
+    return max(waiting, key=lambda s: (weights.get(s, 1.0), -waiting.index(s)))
+
+
 @pytest.hookimpl(optionalhook=True, tryfirst=True)
 def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
     """``--dist loadgroup``, grouping by target whatever the xdist_group suffix does.
@@ -644,11 +651,19 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
         return None
     from xdist.scheduler import LoadScopeScheduling
 
-    names = [t.name for t in _harness(config).selected]
+    selected = _harness(config).selected
+    names = [t.name for t in selected]
+    weights = {t.name: targets_mod.weight(t) for t in selected}
 
     class TargetScheduling(LoadScopeScheduling):  # type: ignore[misc]
         def _split_scope(self, nodeid: str) -> str:
             return target_of_nodeid(nodeid, names) or nodeid
+
+        def _assign_work_unit(self, node: Any) -> None:
+            if self.workqueue:
+                self.workqueue.move_to_end(heaviest_first(list(self.workqueue), weights),
+                                           last=False)
+            super()._assign_work_unit(node)
 
     return TargetScheduling(config, log)
 

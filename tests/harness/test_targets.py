@@ -84,6 +84,8 @@ def test_unknown_target_lists_the_known_ones(tmp_path: Path) -> None:
     (GOOD.replace('name = "box"', 'name = "here"'), "'here' is declared twice"),
     (GOOD.replace('name = "box"', 'name = "Box; rm -rf /"'), "must match"),
     (GOOD.replace('backends = ["select", "epoll"]', "backends = []"), "'backends' must be"),
+    (GOOD.replace('kind = "local"', 'kind = "local"\nweight = 0'), "'weight' must be a positive"),
+    (GOOD.replace('kind = "local"', 'kind = "local"\nweight = "heavy"'), "'weight' must be"),
 ])
 def test_bad_files_are_one_line_errors(tmp_path: Path, text: str, message: str) -> None:
     with pytest.raises(TargetsError) as info:
@@ -106,6 +108,44 @@ def test_count_helper_for_the_makefile() -> None:
                          cwd=REPO, capture_output=True, text=True, check=False)
     assert bad.returncode == 2
     assert bad.stderr.count("\n") == 1 and "known targets: local" in bad.stderr
+
+
+def test_workers_are_capped_at_twice_the_cores(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("IOMUX_WORKERS", raising=False)
+    assert targets.workers(11, cpus=2) == 4
+    assert targets.workers(3, cpus=2) == 3
+    assert targets.workers(0, cpus=2) == 1
+    assert targets.workers(11, cpus=1) == 2
+    assert targets.workers(11, cpus=16) == 11
+    monkeypatch.setenv("IOMUX_WORKERS", "2")
+    assert targets.workers(11, cpus=64) == 2
+    monkeypatch.setenv("IOMUX_WORKERS", "many")
+    with pytest.raises(TargetsError, match="IOMUX_WORKERS='many': not a whole number"):
+        targets.workers(3)
+    monkeypatch.setenv("IOMUX_WORKERS", "0")
+    with pytest.raises(TargetsError, match="must be 1 or more"):
+        targets.workers(3)
+
+
+def test_workers_helper_for_the_makefile() -> None:
+    env = {"PATH": "/usr/bin:/bin", "IOMUX_WORKERS": "3"}
+    ok = subprocess.run([sys.executable, "-m", "harness.targets", "--workers"], cwd=REPO,
+                        capture_output=True, text=True, check=False, env=env)
+    assert (ok.returncode, ok.stdout.strip()) == (0, "3")
+    bad = subprocess.run([sys.executable, "-m", "harness.targets", "--workers"], cwd=REPO,
+                         capture_output=True, text=True, check=False,
+                         env={**env, "IOMUX_WORKERS": "x"})
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1, bad.stderr
+
+
+def test_the_heaviest_waiting_target_starts_next(tmp_path: Path) -> None:
+    from harness.plugin import heaviest_first
+    declared = {t.name: targets.weight(t) for t in load()}
+    assert declared["local"] == 1.0 and declared["debian-vm"] > declared["debian-12"]
+    waiting = ["local", "debian-12", "debian-vm", "uml-6-1"]
+    assert heaviest_first(waiting, declared) == max(waiting, key=declared.__getitem__)
+    assert heaviest_first(["a", "b", "c"], {"b": 2.0, "c": 2.0}) == "b"  # ties: file order
+    assert heaviest_first(["a", "b"], {}) == "a"
 
 
 def test_a_test_id_names_its_target() -> None:
