@@ -123,16 +123,16 @@ def _pidfd() -> Dict[str, Any]:
         p.wait(5)
 
 
-def _process_exit() -> Dict[str, Any]:
+def _process_exit(samples: int) -> Dict[str, Any]:
     out: Dict[str, Any] = {}
-    out["kqueue"] = _samples(_kq_proc, SAMPLES) if has_kqueue() else unavailable(NO_KQUEUE)
+    out["kqueue"] = _samples(_kq_proc, samples) if has_kqueue() else unavailable(NO_KQUEUE)
     if not hasattr(os, "pidfd_open"):
         out["pidfd"] = unavailable("no os.pidfd_open (Linux 5.3+, Python 3.9+ only)")
     elif not has_epoll():
         out["pidfd"] = unavailable("no select.epoll to wait on a pidfd")
     else:
         try:
-            out["pidfd"] = _samples(_pidfd, SAMPLES)
+            out["pidfd"] = _samples(_pidfd, samples)
         except OSError as exc:
             out["pidfd"] = unavailable(f"pidfd_open failed: {exc.strerror} "
                                        "(kernel older than 5.3?)")
@@ -195,16 +195,16 @@ def _timerfd() -> Dict[str, Any]:
         os.close(fd)
 
 
-def _timer() -> Dict[str, Any]:
+def _timer(samples: int) -> Dict[str, Any]:
     out: Dict[str, Any] = {}
-    out["kqueue"] = _samples(_kq_timer, SAMPLES) if has_kqueue() else unavailable(NO_KQUEUE)
+    out["kqueue"] = _samples(_kq_timer, samples) if has_kqueue() else unavailable(NO_KQUEUE)
     if not sys.platform.startswith("linux"):
         out["timerfd"] = unavailable("timerfd_create is Linux-only")
     elif not has_epoll():
         out["timerfd"] = unavailable("no select.epoll to wait on a timerfd")
     else:
         try:
-            out["timerfd"] = _samples(_timerfd, SAMPLES)
+            out["timerfd"] = _samples(_timerfd, samples)
         except (OSError, AttributeError) as exc:
             out["timerfd"] = unavailable(f"timerfd_create failed: {exc}")
     return out
@@ -253,13 +253,13 @@ def _wakeup_fd() -> Dict[str, Any]:
         w.close()
 
 
-def _signal() -> Dict[str, Any]:
+def _signal(samples: int) -> Dict[str, Any]:
     if threading.current_thread() is not threading.main_thread():
         why = "signal handlers can only be set from the main thread"
         return {"kqueue": unavailable(why), "wakeup_fd": unavailable(why)}
     out: Dict[str, Any] = {}
-    out["kqueue"] = _samples(_kq_signal, SAMPLES) if has_kqueue() else unavailable(NO_KQUEUE)
-    out["wakeup_fd"] = _samples(_wakeup_fd, SAMPLES)
+    out["kqueue"] = _samples(_kq_signal, samples) if has_kqueue() else unavailable(NO_KQUEUE)
+    out["wakeup_fd"] = _samples(_wakeup_fd, samples)
     if sys.platform.startswith("linux"):
         out["signalfd"] = unavailable("the kernel has signalfd(2) but Python's standard "
                                       "library does not expose it")
@@ -270,11 +270,13 @@ def probe(ctx: ProbeContext) -> Dict[str, Any]:
     """Which mechanism delivers process exit, timers and signals here, and how fast."""
     out: Dict[str, Any] = {}
     for name, fn in (("process_exit", _process_exit), ("timer", _timer), ("signal", _signal)):
-        if ctx.expired():
-            out[name] = {"error": "time budget ran out before this event kind"}
-            continue
+        # Whether a mechanism reports the event is exact and is what the claims judge;
+        # the latency samples are extra. Past the budget (a slow kernel, a loaded
+        # machine) each kind still gets one sample, well under a second, rather than
+        # leaving its claim with nothing observed.
+        samples = 1 if ctx.expired() else SAMPLES
         try:
-            out[name] = fn()
+            out[name] = fn(samples)
         except Exception as exc:  # record and go on with the other event kinds
             out[name] = {"error": f"{type(exc).__name__}: {exc}"}
     out["mechanisms"] = {k: sorted(m for m, rec in v.items()

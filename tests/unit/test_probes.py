@@ -377,3 +377,18 @@ def test_evaluate_says_why_a_value_was_left_out() -> None:
     got = _by_id(claims.evaluate("t1", "linux", {"registration": reg}))
     assert got["registration-syscalls"]["verdict"] == "not measurable"
     assert got["registration-syscalls"]["why"] == "no strace or truss on this system"
+
+
+def test_nonfile_events_past_the_budget_still_observe_every_kind() -> None:
+    # A slow kernel under load (uml-6-1 in an eleven-target matrix) used up the
+    # probe's share on process exits; the timer and signal claims then had nothing.
+    from iomux.probes import nonfile_events
+    from iomux.probes._common import ProbeContext
+
+    late = nonfile_events.probe(ProbeContext(scale=1.0, deadline=time.monotonic() - 1.0))
+    assert set(late["mechanisms"]) == {"process_exit", "timer", "signal"}
+    for kind in ("process_exit", "timer", "signal"):
+        assert "error" not in late[kind], late[kind]
+    assert late["timer"]["timerfd"]["samples"] == 1
+    on_time = nonfile_events.probe(ProbeContext(scale=1.0, deadline=time.monotonic() + 60))
+    assert on_time["timer"]["timerfd"]["samples"] == nonfile_events.SAMPLES
