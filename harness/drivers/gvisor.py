@@ -29,10 +29,7 @@ and commands run in it through ``runsc exec``; ``runsc kill`` + ``delete
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
-import resource
-import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -41,7 +38,6 @@ from typing import Any, ClassVar, Sequence
 from harness.drivers import kernels
 from harness.drivers.base import (
     BACKEND_PORTS,
-    Driver,
     ExecResult,
     Instance,
     StepTimeout,
@@ -50,32 +46,22 @@ from harness.drivers.base import (
     run_argv,
 )
 
-GUEST_PYTHON = "/opt/iomux/venv/bin/python"
-GUEST_TESTS = "/opt/iomux/tests/server"
-#: The in-image user (docker/Dockerfile): the servers and every exec run as it.
-GUEST_USER = "10001:10001"
 UNREACHABLE = "gVisor network=none sandbox: only its own loopback, not reachable from the host"
 TIMEOUT_CODES = (124, 137)
 #: The sandbox's init: one ``iomux serve`` per "backend:port" argument, each with
-#: a ready file in /tmp, then wait (a server whose backend is missing just exits).
+#: its ready file (kernels.ready_file), then wait (a server whose backend is
+#: missing just exits).
 INIT_SCRIPT = ('for spec in "$@"; do b=${spec%%:*}; p=${spec#*:}; '
                'iomux serve --backend "$b" --port "$p" --host 127.0.0.1 --quiet '
                '--ready-file "/tmp/iomux-ready-$b.json" & done; wait')
-
-
-def nofile_limit() -> tuple[int, int]:
-    """The open-file limit a debian-12 container gets here: dockerd's own, which it
-    inherits from this host, so the harness's (the probes open 10,000 fds)."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    return soft, hard
 
 
 def bundle_config(rootfs: Path, env: Sequence[str], argv: Sequence[str],
                   hostname: str) -> dict[str, Any]:
     """The OCI config: read-only root, a tmpfs /tmp, no capabilities,
     no-new-privileges, the image's user and environment."""
-    uid, gid = (int(x) for x in GUEST_USER.split(":"))
-    soft, hard = nofile_limit()
+    uid, gid = (int(x) for x in kernels.GUEST_USER.split(":"))
+    soft, hard = kernels.nofile_limit()
     no_caps: dict[str, list[str]] = {k: [] for k in ("bounding", "effective", "permitted",
                                                     "inheritable", "ambient")}
     return {
@@ -96,13 +82,14 @@ def bundle_config(rootfs: Path, env: Sequence[str], argv: Sequence[str],
     }
 
 
-class GVisorDriver(Driver):
+class GVisorDriver(kernels.KernelDriver):
     """Targets that are a gVisor sandbox on this host."""
 
     kind: ClassVar[str] = "gvisor"
-
-    def __init__(self) -> None:
-        self._rootfs: dict[str, Path] = {}
+    unreachable: ClassVar[str] = UNREACHABLE
+    noun: ClassVar[str] = "gvisor sandbox"
+    console: ClassVar[str] = "init.log"
+    logs: ClassVar[tuple[str, ...]] = ("runsc.log", "init.log", "bundle/config.json")
 
     # -- the engine
     def unavailable_reason(self) -> str | None:
@@ -116,11 +103,6 @@ class GVisorDriver(Driver):
             return "the gvisor kind runs runsc as root (rootless mode cannot run run --detach)"
         return None
 
-    def target_unavailable_reason(self, target: Target) -> str | None:
-        """The pinned runsc is missing, or the Debian 12 userland cannot be built."""
-        return (kernels.kernel_binary(target).missing_reason()
-                or kernels.userland_unavailable_reason(target))
-
     @staticmethod
     def _runsc(instance: Instance, *words: str) -> list[str]:
         target = instance.target
@@ -128,46 +110,25 @@ class GVisorDriver(Driver):
         return [*kernels.kernel_binary(target).argv0(), f"--root={instance.data['state_dir']}",
                 "--network=none", *flags, *words]
 
-    # -- lifecycle
-    def sweep(self, run_id: str | None = None) -> list[str]:
-        """Destroy sandboxes left by dead runs (their state dirs under STATE_BASE)."""
-        removed = []
-        for path in kernels.doomed_dirs(self.kind, run_id):
-            killed = kernels.kill_marked(f"--root={path / 'state'}")
-            shutil.rmtree(path, ignore_errors=True)
-            removed.append(f"gvisor sandbox {path.name} ({len(killed)} processes)")
-        return removed
+    def _marker(self, home: Path) -> str:
+        """runsc's ``--root``: on the command line of the sandbox's every process."""
+        return f"--root={home / 'state'}"
 
-    def build(self, target: Target, timeout: float) -> dict[str, Any]:
-        """The exported Debian 12 root filesystem, and the facts of the runsc that runs."""
-        binary = kernels.kernel_binary(target)
-        reason = binary.missing_reason()
-        if reason:
-            raise TargetError(f"build: {reason}")
-        rootfs, facts = kernels.ensure_rootfs(target, timeout)
-        self._rootfs[target.name] = rootfs
+    def _kernel_facts(self, binary: kernels.KernelBinary) -> dict[str, Any]:
+        """The binary's facts and what runsc reports itself to be."""
         version = run_argv([*binary.argv0(), "--version"], 30, "runsc --version")
-        facts["kernel_build"] = {**binary.facts(),
-                                 "reports": version.stdout.strip().splitlines()[:1]}
-        return facts
+        return {**binary.facts(), "reports": version.stdout.strip().splitlines()[:1]}
 
+    # -- lifecycle
     def start(self, target: Target, run_id: str, worker: str, timeout: float) -> Instance:
         """Write the bundle and ``runsc run --detach`` it; destroy on any failure."""
-        rootfs = self._rootfs.get(target.name)
-        if rootfs is None:
-            raise TargetError("start: build the target first")
-        name = f"iomux-{run_id}-{worker}-{target.name}"
-        home = kernels.new_instance_dir(self.kind, name, run_id, rootfs)
-        backends = ["auto", *(b for b in target.backends if b in BACKEND_PORTS)]
-        instance = Instance(target=target, run_id=run_id, resource_name=name, data={
-            "home": str(home), "state_dir": str(home / "state"), "python": GUEST_PYTHON,
-            "tests_dir": GUEST_TESTS, "scratch_dir": "/tmp", "backends": backends,
-            "guest_ports": {}, "server_pids": {}, "unreachable": UNREACHABLE,
-            "test_scale": target.options.get("test_scale")})
+        instance, rootfs = self._new_instance(target, run_id, worker)
+        home = Path(instance.data["home"])
+        instance.data["state_dir"] = str(home / "state")
         (home / "state").mkdir()
         (home / "bundle").mkdir()
         argv = ["/bin/sh", "-c", INIT_SCRIPT, "iomux-init",
-                *(f"{b}:{BACKEND_PORTS[b]}" for b in backends)]
+                *(f"{b}:{BACKEND_PORTS[b]}" for b in instance.data["backends"])]
         config = bundle_config(rootfs, kernels.image_env(rootfs), argv, target.name)
         (home / "bundle" / "config.json").write_text(json.dumps(config, indent=1))
         try:
@@ -176,12 +137,12 @@ class GVisorDriver(Driver):
             with open(home / "init.log", "wb") as log:
                 proc = subprocess.run(
                     self._runsc(instance, f"--log={home / 'runsc.log'}", "run", "--bundle",
-                                str(home / "bundle"), "--detach", name),
+                                str(home / "bundle"), "--detach", instance.resource_name),
                     stdin=subprocess.DEVNULL, stdout=log, stderr=log, timeout=timeout,
                     check=False)
             if proc.returncode != 0:
                 raise TargetError(f"start: runsc run exited {proc.returncode}: "
-                                  f"{_last_line(home / 'init.log')}")
+                                  f"{kernels.log_tail(home / 'init.log')}")
         except subprocess.TimeoutExpired:
             self.destroy(instance, timeout)
             raise StepTimeout(f"start: runsc run timed out after {timeout:g}s") from None
@@ -190,84 +151,27 @@ class GVisorDriver(Driver):
             raise
         return instance
 
-    def wait_healthy(self, instance: Instance, timeout: float) -> None:
-        """Every backend's ready file, then one ``iomux check`` echo per backend."""
-        deadline = time.monotonic() + timeout
-        pending = list(instance.data["backends"])
-        while pending:
-            for backend in list(pending):
-                ready = self.exec(instance, ["cat", f"/tmp/iomux-ready-{backend}.json"], 30)
-                if ready.rc == 0 and ready.stdout.strip():
-                    info = json.loads(ready.stdout)
-                    instance.data["guest_ports"][backend] = BACKEND_PORTS[backend]
-                    instance.data["server_pids"][backend] = int(info.get("pid", 0))
-                    pending.remove(backend)
-            if pending and time.monotonic() > deadline:
-                raise StepTimeout(f"healthy: no ready file after {timeout:g}s for "
-                                  f"{', '.join(pending)} ({_last_line(Path(instance.data['home']) / 'init.log')})")
-            if pending:
-                time.sleep(0.5)
-        for backend, port in instance.data["guest_ports"].items():
-            check = self.exec(instance, ["iomux", "check", f"127.0.0.1:{port}", "--timeout", "5"],
-                              max(10.0, deadline - time.monotonic()))
-            if check.rc != 0:
-                raise TargetError(f"healthy: iomux check of {backend} on {port} exited "
-                                  f"{check.rc}: {(check.stderr or check.stdout).strip()[:200]}")
-
     def exec(self, instance: Instance, argv: Sequence[str], timeout: float,
              user: str | None = None) -> ExecResult:
         """``runsc exec`` as the image's user, under ``timeout -k 5 T`` inside."""
-        if isinstance(argv, (str, bytes)):
-            raise TypeError("exec takes an argv list, not a string")
+        kernels.check_argv(argv)
         wrapped = ["timeout", "-k", "5", f"{max(timeout, 0.1):g}", *[str(a) for a in argv]]
         started = time.monotonic()
-        result = run_argv(self._runsc(instance, "exec", "--user", user or GUEST_USER, "--cwd",
-                                      "/tmp", instance.resource_name, *wrapped),
+        result = run_argv(self._runsc(instance, "exec", "--user", user or kernels.GUEST_USER,
+                                      "--cwd", "/tmp", instance.resource_name, *wrapped),
                           timeout + 15, step=f"exec {argv[0]} in {instance.resource_name}")
         if result.rc in TIMEOUT_CODES and time.monotonic() - started >= timeout:
-            raise StepTimeout(f"exec: {argv[0]} in {instance.resource_name}: timed out after "
-                              f"{timeout:g}s")
+            raise kernels.exec_timed_out(instance, argv, timeout)
         result.argv = list(argv)
         return result
 
-    def testinfra_spec(self, instance: Instance) -> tuple[str, dict[str, Any]]:
-        """None: no testinfra backend reaches into a gVisor sandbox."""
-        raise TargetError(f"{instance.resource_name}: {UNREACHABLE}")
-
-    def copy_from(self, instance: Instance, path: str, dest: Path, timeout: float) -> Path:
-        """``base64`` inside, decoded here (kernels.copy_via_exec)."""
-        return kernels.copy_via_exec(functools.partial(self.exec, instance),
-                                     instance.resource_name, path, dest, timeout)
-
-    def save_logs(self, instance: Instance, dest: Path) -> list[Path]:
-        """runsc's own log, the init's output and the bundle's config."""
-        dest.mkdir(parents=True, exist_ok=True)
-        home = Path(instance.data["home"])
-        saved = []
-        for name in ("runsc.log", "init.log", "bundle/config.json"):
-            if (home / name).is_file():
-                saved.append(Path(shutil.copy(home / name, dest / f"{instance.resource_name}."
-                                              f"{name.replace('/', '-')}")))
-        return saved
-
-    def destroy(self, instance: Instance, timeout: float) -> None:
-        """``runsc kill`` + ``delete --force``, then any runsc process of this
-        state dir is killed and the state dir removed. Safe to call twice."""
-        home = Path(instance.data["home"])
-        if not home.is_dir():
+    def _stop(self, instance: Instance, timeout: float) -> None:
+        """``runsc kill`` + ``delete --force`` (destroy then kills any runsc process
+        of this state dir)."""
+        if not Path(instance.data["home"]).is_dir():
             return
         budget = max(5.0, min(timeout, 60.0) / 2)
         for words in (("kill", "--all", instance.resource_name, "KILL"),
                       ("delete", "--force", instance.resource_name)):
             with contextlib.suppress(StepTimeout, TargetError):
                 run_argv(self._runsc(instance, *words), budget, step=f"runsc {words[0]}")
-        kernels.kill_marked(f"--root={instance.data['state_dir']}")
-        shutil.rmtree(home, ignore_errors=True)
-
-
-def _last_line(path: Path) -> str:
-    try:
-        lines = path.read_text(errors="replace").strip().splitlines()
-    except OSError:
-        return ""
-    return lines[-1][:200] if lines else "(no output)"

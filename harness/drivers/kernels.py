@@ -20,10 +20,16 @@ the docker driver), exported once with ``docker create`` + ``docker export`` and
 unpacked under ``ROOTFS_DIR/<target>-<image id>/``: cached by the image's content,
 so a changed image (new iomux, new tests) gives a new tree. Both kinds use it
 read-only; each instance writes only to its own tmpfs.
+
+``KernelDriver`` is the driver both kinds are, but for how a guest is booted,
+reached and stopped: the build, the instance's private directory and its sweep,
+the servers' health checked from inside (nothing in the guest is reachable from
+the host), ``copy_from`` over exec, the saved logs and the last of destroy.
 """
 
 from __future__ import annotations
 
+import abc
 import base64
 import contextlib
 import dataclasses
@@ -31,16 +37,21 @@ import functools
 import hashlib
 import json
 import os
+import resource
 import shutil
 import subprocess
 import time
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, ClassVar, Mapping, Sequence
 
 from harness.drivers.base import (
+    BACKEND_PORTS,
     LABEL_PROJECT,
     PROJECT,
+    Driver,
     ExecResult,
+    Instance,
+    StepTimeout,
     Target,
     TargetError,
     owner_alive,
@@ -59,6 +70,32 @@ LIBC_DIR = "usr/lib/x86_64-linux-gnu"
 IMAGE_ENV = ".image-env.json"
 #: An export unused this long after a newer one exists is removed.
 SUPERSEDED_AFTER_S = 900.0
+#: Where the userland (docker/Dockerfile) has the in-guest suite and its Python.
+GUEST_PYTHON = "/opt/iomux/venv/bin/python"
+GUEST_TESTS = "/opt/iomux/tests/server"
+#: The in-image user (docker/Dockerfile): the servers and every exec run as it.
+GUEST_USER = "10001:10001"
+
+
+def nofile_limit() -> tuple[int, int]:
+    """The open-file limit a debian-12 container gets here: dockerd's own, which it
+    inherits from this host, so the harness's (the probes open 10,000 fds)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return soft, hard
+
+
+def ready_file(backend: str) -> str:
+    """Where ``backend``'s server writes its port and pid in the guest, once it listens."""
+    return f"/tmp/iomux-ready-{backend}.json"
+
+
+def log_tail(path: Path) -> str:
+    """The last line of a guest's log on the host (cut to 200 characters), "" without one."""
+    try:
+        lines = path.read_text(errors="replace").strip().splitlines()
+    except OSError:
+        return ""
+    return lines[-1][:200] if lines else "(no output)"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -336,3 +373,151 @@ def copy_via_exec(exec_: Callable[[Sequence[str], float], ExecResult], where: st
     dest.parent.mkdir(parents=True, exist_ok=True)
     dest.write_bytes(base64.b64decode(result.stdout))
     return dest
+
+
+def check_argv(argv: Sequence[str]) -> None:
+    """Refuse a shell string where an argv list belongs (no shell is ever involved)."""
+    if isinstance(argv, (str, bytes)):
+        raise TypeError("exec takes an argv list, not a string")
+
+
+def exec_timed_out(instance: Instance, argv: Sequence[str], timeout: float) -> StepTimeout:
+    """The error of a command that the guest killed at its timeout."""
+    return StepTimeout(f"exec: {argv[0]} in {instance.resource_name}: timed out after "
+                       f"{timeout:g}s")
+
+
+class KernelDriver(Driver):
+    """A kind that runs the shared Debian 12 root filesystem on a pinned kernel binary.
+
+    A subclass says how a guest boots (``start``), runs a command (``exec``) and
+    stops (``_stop``), and names what marks its host processes (``_marker``)."""
+
+    #: Why nothing in the guest is reachable from the host (``instance.data["unreachable"]``).
+    unreachable: ClassVar[str]
+    #: What one instance is called in the sweep's log ("gvisor sandbox").
+    noun: ClassVar[str]
+    #: The guest's own output in its directory, whose last line goes into an error.
+    console: ClassVar[str]
+    #: What ``save_logs`` copies out of the instance's directory.
+    logs: ClassVar[tuple[str, ...]]
+    #: Seconds between reads of the servers' ready files.
+    ready_poll_s: ClassVar[float] = 0.5
+
+    def __init__(self) -> None:
+        self._rootfs: dict[str, Path] = {}
+
+    @abc.abstractmethod
+    def _marker(self, home: Path) -> str:
+        """The text in the command line or environment of every host process of the
+        instance whose directory is ``home`` (see ``kill_marked``)."""
+
+    @abc.abstractmethod
+    def _stop(self, instance: Instance, timeout: float) -> None:
+        """Stop the guest the kind's own way; ``destroy`` then kills what is left."""
+
+    def _start_servers(self, instance: Instance) -> None:
+        """Start one ``iomux serve`` per backend (nothing: the guest's init does)."""
+
+    def _prepare_rootfs(self, rootfs: Path) -> None:
+        """Add what the kind needs to the shared tree before it boots from it (nothing)."""
+
+    def _kernel_facts(self, binary: KernelBinary) -> dict[str, Any]:
+        """The report's facts of the kernel binary that runs."""
+        return binary.facts()
+
+    def target_unavailable_reason(self, target: Target) -> str | None:
+        """The pinned binary is missing, or the Debian 12 userland cannot be built."""
+        return kernel_binary(target).missing_reason() or userland_unavailable_reason(target)
+
+    def sweep(self, run_id: str | None = None) -> list[str]:
+        """Kill the guests of dead runs (found by their marker) and remove their dirs."""
+        removed = []
+        for path in doomed_dirs(self.kind, run_id):
+            killed = kill_marked(self._marker(path))
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(f"{self.noun} {path.name} ({len(killed)} processes)")
+        return removed
+
+    def build(self, target: Target, timeout: float) -> dict[str, Any]:
+        """The exported root filesystem (with what the kind adds), and the kernel's facts."""
+        binary = kernel_binary(target)
+        reason = binary.missing_reason()
+        if reason:
+            raise TargetError(f"build: {reason}")
+        rootfs, facts = ensure_rootfs(target, timeout)
+        self._prepare_rootfs(rootfs)
+        self._rootfs[target.name] = rootfs
+        facts["kernel_build"] = self._kernel_facts(binary)
+        return facts
+
+    def _new_instance(self, target: Target, run_id: str, worker: str) -> tuple[Instance, Path]:
+        """The instance ``start`` boots, with its private directory made, and the
+        root filesystem ``build`` made ready."""
+        rootfs = self._rootfs.get(target.name)
+        if rootfs is None:
+            raise TargetError("start: build the target first")
+        name = f"iomux-{run_id}-{worker}-{target.name}"
+        home = new_instance_dir(self.kind, name, run_id, rootfs)
+        backends = ["auto", *(b for b in target.backends if b in BACKEND_PORTS)]
+        # What the cross-OS suites read (tests/cross_os), as the docker kind gives it.
+        instance = Instance(target=target, run_id=run_id, resource_name=name, data={
+            "home": str(home), "python": GUEST_PYTHON, "tests_dir": GUEST_TESTS, "scratch_dir": "/tmp",
+            "backends": backends, "guest_ports": {}, "server_pids": {},
+            "unreachable": self.unreachable, "test_scale": target.options.get("test_scale")})
+        return instance, rootfs
+
+    def wait_healthy(self, instance: Instance, timeout: float) -> None:
+        """The servers started, every backend's ready file, then one ``iomux check``
+        echo per backend, from inside."""
+        deadline = time.monotonic() + timeout
+        self._start_servers(instance)
+        pending = list(instance.data["backends"])
+        while pending:
+            for backend in list(pending):
+                ready = self.exec(instance, ["cat", ready_file(backend)], 30)
+                if ready.rc == 0 and ready.stdout.strip():
+                    info = json.loads(ready.stdout)
+                    instance.data["guest_ports"][backend] = BACKEND_PORTS[backend]
+                    instance.data["server_pids"][backend] = int(info.get("pid", 0))
+                    pending.remove(backend)
+            if pending and time.monotonic() > deadline:
+                tail = log_tail(Path(instance.data["home"]) / self.console)
+                raise StepTimeout(f"healthy: no ready file after {timeout:g}s for "
+                                  f"{', '.join(pending)} ({tail})")
+            if pending:
+                time.sleep(self.ready_poll_s)
+        for backend, port in instance.data["guest_ports"].items():
+            check = self.exec(instance, ["iomux", "check", f"127.0.0.1:{port}", "--timeout", "5"],
+                              max(10.0, deadline - time.monotonic()))
+            if check.rc != 0:
+                raise TargetError(f"healthy: iomux check of {backend} on {port} exited "
+                                  f"{check.rc}: {(check.stderr or check.stdout).strip()[:200]}")
+
+    def testinfra_spec(self, instance: Instance) -> tuple[str, dict[str, Any]]:
+        """None: no testinfra backend reaches into a guest without a network."""
+        raise TargetError(f"{instance.resource_name}: {self.unreachable}")
+
+    def copy_from(self, instance: Instance, path: str, dest: Path, timeout: float) -> Path:
+        """``base64`` inside, decoded here (copy_via_exec)."""
+        return copy_via_exec(functools.partial(self.exec, instance), instance.resource_name,
+                             path, dest, timeout)
+
+    def save_logs(self, instance: Instance, dest: Path) -> list[Path]:
+        """The files of ``logs`` in the instance's directory (the guest's console)."""
+        dest.mkdir(parents=True, exist_ok=True)
+        home = Path(instance.data["home"])
+        saved = []
+        for name in self.logs:
+            if (home / name).is_file():
+                saved.append(Path(shutil.copy(home / name, dest / f"{instance.resource_name}."
+                                              f"{name.replace('/', '-')}")))
+        return saved
+
+    def destroy(self, instance: Instance, timeout: float) -> None:
+        """Stop the guest (``_stop``), kill every host process still marked as the
+        instance's, and remove its directory. Safe to call twice."""
+        home = Path(instance.data["home"])
+        self._stop(instance, timeout)
+        kill_marked(self._marker(home))
+        shutil.rmtree(home, ignore_errors=True)

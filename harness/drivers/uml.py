@@ -28,10 +28,8 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import functools
 import json
 import os
-import shutil
 import signal
 import subprocess
 import threading
@@ -42,14 +40,13 @@ from typing import IO, Any, ClassVar, Sequence
 from harness.drivers import kernels
 from harness.drivers.base import (
     BACKEND_PORTS,
-    Driver,
     ExecResult,
     Instance,
     StepTimeout,
     Target,
     TargetError,
+    serve_argv,
 )
-from harness.drivers.gvisor import GUEST_PYTHON, GUEST_TESTS, GUEST_USER, nofile_limit
 
 AGENT_SOURCE = Path(__file__).with_name("uml_agent.py")
 AGENT_IN_GUEST = "opt/iomux/uml_agent.py"
@@ -128,13 +125,18 @@ def _exec_dir() -> Path | None:
         return None
 
 
-class UMLDriver(Driver):
+class UMLDriver(kernels.KernelDriver):
     """Targets that are a User-Mode Linux guest on this host."""
 
     kind: ClassVar[str] = "uml"
+    unreachable: ClassVar[str] = UNREACHABLE
+    noun: ClassVar[str] = "uml guest"
+    console: ClassVar[str] = "console.log"
+    logs: ClassVar[tuple[str, ...]] = ("console.log",)
+    ready_poll_s: ClassVar[float] = 0.3
 
     def __init__(self) -> None:
-        self._rootfs: dict[str, Path] = {}
+        super().__init__()
         self._procs: dict[str, subprocess.Popen[bytes]] = {}
         self._channels: dict[str, Channel] = {}
 
@@ -144,27 +146,12 @@ class UMLDriver(Driver):
             return "User-Mode Linux runs on x86-64 Linux hosts only"
         return None
 
-    def target_unavailable_reason(self, target: Target) -> str | None:
-        """The pinned linux.uml is missing, or the Debian 12 userland cannot be built."""
-        return (kernels.kernel_binary(target).missing_reason()
-                or kernels.userland_unavailable_reason(target))
+    def _marker(self, home: Path) -> str:
+        """ENV_MARK in the environment of the UML process and all it forks."""
+        return f"{ENV_MARK}={home.name}"
 
-    def sweep(self, run_id: str | None = None) -> list[str]:
-        """Kill the guests of dead runs (found by ENV_MARK) and remove their dirs."""
-        removed = []
-        for path in kernels.doomed_dirs(self.kind, run_id):
-            killed = kernels.kill_marked(f"{ENV_MARK}={path.name}")
-            shutil.rmtree(path, ignore_errors=True)
-            removed.append(f"uml guest {path.name} ({len(killed)} processes)")
-        return removed
-
-    def build(self, target: Target, timeout: float) -> dict[str, Any]:
-        """The exported root filesystem with the agent in it, and the kernel's facts."""
-        binary = kernels.kernel_binary(target)
-        reason = binary.missing_reason()
-        if reason:
-            raise TargetError(f"build: {reason}")
-        rootfs, facts = kernels.ensure_rootfs(target, timeout)
+    def _prepare_rootfs(self, rootfs: Path) -> None:
+        """The agent, as the guest's init."""
         agent = rootfs / AGENT_IN_GUEST
         source = AGENT_SOURCE.read_bytes()
         if not agent.is_file() or agent.read_bytes() != source:
@@ -172,23 +159,12 @@ class UMLDriver(Driver):
             tmp.write_bytes(source)
             tmp.chmod(0o755)
             tmp.replace(agent)  # atomic: another worker may be booting from this tree
-        self._rootfs[target.name] = rootfs
-        facts["kernel_build"] = binary.facts()
-        return facts
 
     def start(self, target: Target, run_id: str, worker: str, timeout: float) -> Instance:
         """Boot the guest and wait for its agent's first line; destroy on failure."""
-        rootfs = self._rootfs.get(target.name)
-        if rootfs is None:
-            raise TargetError("start: build the target first")
-        name = f"iomux-{run_id}-{worker}-{target.name}"
-        home = kernels.new_instance_dir(self.kind, name, run_id, rootfs)
-        backends = ["auto", *(b for b in target.backends if b in BACKEND_PORTS)]
-        instance = Instance(target=target, run_id=run_id, resource_name=name, data={
-            "home": str(home), "python": GUEST_PYTHON, "tests_dir": GUEST_TESTS,
-            "scratch_dir": "/tmp", "backends": backends, "guest_ports": {},
-            "server_pids": {}, "unreachable": UNREACHABLE,
-            "test_scale": target.options.get("test_scale")})
+        instance, rootfs = self._new_instance(target, run_id, worker)
+        name = instance.resource_name
+        home = Path(instance.data["home"])
         to_guest_r, to_guest_w = os.pipe()
         from_guest_r, from_guest_w = os.pipe()
         log = open(home / "console.log", "wb")  # noqa: SIM115 - the guest keeps it
@@ -198,7 +174,7 @@ class UMLDriver(Driver):
                 f"init=/{AGENT_IN_GUEST}", f"ssl0=fd:{to_guest_r},fd:{from_guest_w}",
                 "ssl=null", f"con0=null,fd:{log.fileno()}", "con=null",
                 f"uml_dir={home}", f"umid={target.name}",
-                f"IOMUX_HOSTNAME={target.name}", f"IOMUX_NOFILE={nofile_limit()[1]}"]
+                f"IOMUX_HOSTNAME={target.name}", f"IOMUX_NOFILE={kernels.nofile_limit()[1]}"]
         env = {"PATH": "/usr/bin:/bin", ENV_MARK: name, "TMPDIR": str(_exec_dir() or home),
                **binary.env()}
         try:
@@ -218,82 +194,45 @@ class UMLDriver(Driver):
             hello = channel.wait_reply(0, min(timeout, BOOT_TIMEOUT_S))
             instance.data["release"] = hello.get("release")
         except BaseException as exc:
-            tail = _last_line(home / "console.log")
+            tail = kernels.log_tail(home / "console.log")
             self.destroy(instance, 30)
             if isinstance(exc, (StepTimeout, TargetError)):
                 raise type(exc)(f"start: UML did not boot: {exc} ({tail})") from None
             raise
         return instance
 
-    def wait_healthy(self, instance: Instance, timeout: float) -> None:
-        """One ``iomux serve`` per backend, then one ``iomux check`` echo each."""
-        deadline = time.monotonic() + timeout
+    def _start_servers(self, instance: Instance) -> None:
+        """One ``iomux serve`` per backend, detached (the agent has no init to do it)."""
         for backend in instance.data["backends"]:
-            port = BACKEND_PORTS[backend]
             # setsid's child outlives this exec: the agent waits only for setsid.
             # Its output goes to a file: the agent reads the exec's pipes to EOF.
             started = self.exec(instance, [
                 "sh", "-c", 'log=$1; shift; setsid -f "$@" >"$log" 2>&1 </dev/null', "sh",
-                f"/tmp/iomux-serve-{backend}.log", "iomux", "serve", "--backend", backend,
-                "--port", str(port), "--host", "127.0.0.1", "--quiet", "--ready-file",
-                f"/tmp/iomux-ready-{backend}.json"], 30)
+                f"/tmp/iomux-serve-{backend}.log",
+                *serve_argv(backend, BACKEND_PORTS[backend], quiet=True,
+                            ready_file=kernels.ready_file(backend))], 30)
             if started.rc != 0:
                 raise TargetError(f"healthy: iomux serve --backend {backend}: "
                                   f"{started.stderr.strip()[:200]}")
-        for backend in instance.data["backends"]:
-            port = BACKEND_PORTS[backend]
-            while True:
-                ready = self.exec(instance, ["cat", f"/tmp/iomux-ready-{backend}.json"], 30)
-                if ready.rc == 0 and ready.stdout.strip():
-                    break
-                if time.monotonic() > deadline:
-                    raise StepTimeout(f"healthy: no ready file for {backend} after {timeout:g}s")
-                time.sleep(0.3)
-            instance.data["guest_ports"][backend] = port
-            instance.data["server_pids"][backend] = int(json.loads(ready.stdout).get("pid", 0))
-            check = self.exec(instance, ["iomux", "check", f"127.0.0.1:{port}", "--timeout",
-                                         "5"], 30)
-            if check.rc != 0:
-                raise TargetError(f"healthy: iomux check of {backend} on {port} exited "
-                                  f"{check.rc}: {(check.stderr or check.stdout).strip()[:200]}")
 
     def exec(self, instance: Instance, argv: Sequence[str], timeout: float,
              user: str | None = None) -> ExecResult:
         """Run ``argv`` in the guest through the agent, which kills it at ``timeout``."""
-        if isinstance(argv, (str, bytes)):
-            raise TypeError("exec takes an argv list, not a string")
+        kernels.check_argv(argv)
         channel = self._channels.get(instance.resource_name)
         if channel is None:
             raise TargetError(f"{instance.resource_name}: the guest is not running")
         reply = channel.request({"op": "exec", "argv": [str(a) for a in argv],
-                                 "timeout": timeout, "user": user or GUEST_USER}, timeout + 15)
+                                 "timeout": timeout, "user": user or kernels.GUEST_USER},
+                                timeout + 15)
         if reply.get("timed_out"):
-            raise StepTimeout(f"exec: {argv[0]} in {instance.resource_name}: timed out after "
-                              f"{timeout:g}s")
+            raise kernels.exec_timed_out(instance, argv, timeout)
         return ExecResult(argv=list(argv), rc=int(reply["rc"]),
                           stdout=base64.b64decode(reply["stdout"]).decode(errors="replace"),
                           stderr=base64.b64decode(reply["stderr"]).decode(errors="replace"))
 
-    def testinfra_spec(self, instance: Instance) -> tuple[str, dict[str, Any]]:
-        """None: no testinfra backend reaches into a UML guest without a network."""
-        raise TargetError(f"{instance.resource_name}: {UNREACHABLE}")
-
-    def copy_from(self, instance: Instance, path: str, dest: Path, timeout: float) -> Path:
-        """``base64`` inside, decoded here (kernels.copy_via_exec)."""
-        return kernels.copy_via_exec(functools.partial(self.exec, instance),
-                                     instance.resource_name, path, dest, timeout)
-
-    def save_logs(self, instance: Instance, dest: Path) -> list[Path]:
-        """The guest's console (kernel messages and the agent's own)."""
-        dest.mkdir(parents=True, exist_ok=True)
-        log = Path(instance.data["home"]) / "console.log"
-        if not log.is_file():
-            return []
-        return [Path(shutil.copy(log, dest / f"{instance.resource_name}.console.log"))]
-
-    def destroy(self, instance: Instance, timeout: float) -> None:
-        """Power the guest off through its agent, then kill its process group and
-        anything still marked as this instance's; remove its dir. Safe twice."""
+    def _stop(self, instance: Instance, timeout: float) -> None:
+        """Power the guest off through its agent, then kill its process group."""
         name = instance.resource_name
         channel = self._channels.pop(name, None)
         proc = self._procs.pop(name, None)
@@ -309,15 +248,5 @@ class UMLDriver(Driver):
         if proc is not None:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(10)
-        kernels.kill_marked(f"{ENV_MARK}={name}")
         if channel is not None:
             channel.close()
-        shutil.rmtree(instance.data["home"], ignore_errors=True)
-
-
-def _last_line(path: Path) -> str:
-    try:
-        lines = path.read_text(errors="replace").strip().splitlines()
-    except OSError:
-        return ""
-    return lines[-1][:200] if lines else "(no output)"

@@ -1,9 +1,8 @@
 """The gvisor driver against the real runsc builds (targets.toml's gvisor-2022,
-gvisor-2024): build, start, exec, the kernel really is gVisor's, the report's
-facts, a missing binary, destroy and a failed start leaving no process, sweep.
-
-A target whose runsc or userland cannot be had here is skipped with the reason
-(scripts/fetch-kernels.sh install fetches the binaries).
+gvisor-2024): the cases every kernel driver passes (kernel_driver_cases.py: build,
+exec, lock-down, servers, copy_from, destroy, sweep, a missing binary), and
+gVisor's own: its kernel really is gVisor's, runsc reports its version, and a
+failed start leaves no process.
 """
 
 from __future__ import annotations
@@ -11,145 +10,47 @@ from __future__ import annotations
 import dataclasses
 import uuid
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, ClassVar
 
 import pytest
+from kernel_driver_cases import KernelDriverCases
 
 from harness.drivers import kernels
-from harness.drivers.base import Instance, StepTimeout, Target, TargetError
+from harness.drivers.base import Instance, Target, TargetError
 from harness.drivers.gvisor import GVisorDriver
-from harness.targets import load
 
 pytestmark = pytest.mark.slow
-NAMES = ["gvisor-2022", "gvisor-2024"]
-HOSTILE = ["; rm -rf /", "'single'", '"double"', "$(id)", "`id`", "a b", "*", "\\", "-x"]
-_DRIVER = GVisorDriver()
 
 
-def _target(name: str) -> Target:
-    return next(t for t in load() if t.name == name)
+@pytest.mark.parametrize("target_name", ["gvisor-2022", "gvisor-2024"], scope="class")
+class TestGVisorDriver(KernelDriverCases):
+    driver: ClassVar[kernels.KernelDriver] = GVisorDriver()
+    missing_version: ClassVar[str] = "0.0~19990101.0-1"
+    no_process: ClassVar[str] = "no runsc process found for a started sandbox"
 
+    def guest_pids(self, instance: Instance) -> list[int]:
+        return kernels.marked_pids(f"--root={instance.data['state_dir']}")
 
-def _sandbox_pids(instance: Instance) -> list[int]:
-    return kernels.marked_pids(f"--root={instance.data['state_dir']}")
+    def check_build(self, target: Target, built: dict[str, Any]) -> None:
+        # runsc reports its own version: the upstream date of the Debian version.
+        facts = built["kernel_build"]
+        assert facts["reports"][0].split()[-1] in facts["version"]
+        assert Path(built["rootfs"], "opt/iomux/venv/bin/python").exists()
 
+    def test_kernel_is_gvisors_and_the_userland_is_debian_12(self, instance: Instance) -> None:
+        release = self.driver.exec(instance, ["uname", "-r"], 30)
+        # gVisor reports a fixed, fake Linux release; the host runs a real one.
+        assert release.stdout.strip() == "4.4.0"
+        dmesg = self.driver.exec(instance, ["cat", "/etc/debian_version"], 30)
+        assert dmesg.stdout.startswith("12.")
 
-@pytest.fixture(scope="module", params=NAMES)
-def target(request: pytest.FixtureRequest) -> Target:
-    target = _target(str(request.param))
-    reason = _DRIVER.unavailable_reason() or _DRIVER.target_unavailable_reason(target)
-    if reason:
-        pytest.skip(f"not run: {reason}")
-    return target
-
-
-@pytest.fixture(scope="module")
-def built(target: Target) -> dict[str, Any]:
-    return _DRIVER.build(target, timeout=1800)
-
-
-@pytest.fixture(scope="module")
-def instance(target: Target, built: dict[str, Any]) -> Iterator[Instance]:
-    run_id = f"test-{uuid.uuid4().hex[:8]}"
-    inst = _DRIVER.start(target, run_id, "t0", timeout=120)
-    try:
-        _DRIVER.wait_healthy(inst, timeout=120)
-        yield inst
-    finally:
-        _DRIVER.destroy(inst, timeout=60)
-        _DRIVER.sweep(run_id)
-
-
-def test_build_records_version_and_sha256_of_the_runsc_that_runs(
-        target: Target, built: dict[str, Any]) -> None:
-    facts = built["kernel_build"]
-    binary = kernels.kernel_binary(target)
-    assert facts["version"] == target.options["kernel_build"]["version"]
-    assert facts["sha256"] == kernels.sha256_of.__wrapped__(str(binary.path))
-    # runsc reports its own version: the upstream date of the Debian version.
-    assert facts["reports"][0].split()[-1] in facts["version"]
-    assert Path(built["rootfs"], "opt/iomux/venv/bin/python").exists()
-
-
-def test_kernel_is_gvisors_and_the_userland_is_debian_12(instance: Instance) -> None:
-    release = _DRIVER.exec(instance, ["uname", "-r"], 30)
-    # gVisor reports a fixed, fake Linux release; the host runs a real one.
-    assert release.stdout.strip() == "4.4.0"
-    dmesg = _DRIVER.exec(instance, ["cat", "/etc/debian_version"], 30)
-    assert dmesg.stdout.startswith("12.")
-
-
-def test_exec_passes_argv_as_data_and_keeps_rc_and_streams(instance: Instance) -> None:
-    echoed = _DRIVER.exec(instance, ["printf", "%s\\n", *HOSTILE], 30)
-    assert echoed.rc == 0
-    assert echoed.stdout.splitlines() == HOSTILE
-    failed = _DRIVER.exec(instance, ["sh", "-c", "echo out; echo err >&2; exit 7"], 30)
-    assert (failed.rc, failed.stdout, failed.stderr) == (7, "out\n", "err\n")
-
-
-def test_exec_timeout_raises_step_timeout(instance: Instance) -> None:
-    with pytest.raises(StepTimeout, match="timed out after 1s"):
-        _DRIVER.exec(instance, ["sleep", "30"], 1)
-    left = _DRIVER.exec(instance, ["sh", "-c", "ps -eo args | grep -c '^sleep 30' || true"], 30)
-    assert left.stdout.strip() == "0"
-
-
-def test_sandbox_is_locked_down(instance: Instance) -> None:
-    ids = _DRIVER.exec(instance, ["id", "-u"], 30)
-    assert ids.stdout.strip() == "10001"
-    write = _DRIVER.exec(instance, ["touch", "/opt/iomux/x"], 30)
-    assert write.rc != 0, "the root filesystem is writable"
-    caps = _DRIVER.exec(instance, ["grep", "^CapEff", "/proc/self/status"], 30)
-    assert caps.stdout.split()[1].strip("0") == ""
-
-
-def test_servers_answer_inside_and_copy_from(instance: Instance, tmp_path: Path) -> None:
-    assert set(instance.data["guest_ports"]) == set(instance.data["backends"])
-    made = _DRIVER.exec(instance, ["sh", "-c", "head -c 3000 /dev/urandom > /tmp/blob"], 30)
-    assert made.rc == 0
-    inside = _DRIVER.exec(instance, ["sha256sum", "/tmp/blob"], 30).stdout.split()[0]
-    copied = _DRIVER.copy_from(instance, "/tmp/blob", tmp_path / "blob", 30)
-    assert kernels.sha256_of.__wrapped__(str(copied)) == inside
-    with pytest.raises(TargetError):
-        _DRIVER.copy_from(instance, "/tmp/absent", tmp_path / "absent", 30)
-
-
-def test_destroy_leaves_no_process_and_is_safe_twice(target: Target,
-                                                     built: dict[str, Any]) -> None:
-    inst = _DRIVER.start(target, f"test-{uuid.uuid4().hex[:8]}", "t1", timeout=120)
-    assert _sandbox_pids(inst), "no runsc process found for a started sandbox"
-    _DRIVER.destroy(inst, timeout=60)
-    assert _sandbox_pids(inst) == []
-    assert not Path(inst.data["home"]).exists()
-    _DRIVER.destroy(inst, timeout=60)
-
-
-def test_failed_start_leaves_no_process(target: Target, built: dict[str, Any]) -> None:
-    broken = dataclasses.replace(target, options={**target.options,
-                                                  "runsc_flags": ["--platform=no-such"]})
-    run_id = f"test-{uuid.uuid4().hex[:8]}"
-    home = kernels.STATE_BASE / "gvisor" / f"iomux-{run_id}-t2-{target.name}"
-    with pytest.raises(TargetError, match="runsc run exited"):
-        _DRIVER.start(broken, run_id, "t2", timeout=60)
-    assert kernels.marked_pids(f"--root={home / 'state'}") == []
-    assert not home.exists()
-
-
-def test_sweep_removes_a_dead_runs_sandbox(target: Target, built: dict[str, Any]) -> None:
-    run_id = f"test-{uuid.uuid4().hex[:8]}"
-    inst = _DRIVER.start(target, run_id, "t3", timeout=120)
-    try:
-        removed = _DRIVER.sweep(run_id)
-        assert len(removed) == 1 and inst.resource_name in removed[0]
-        assert _sandbox_pids(inst) == []
-    finally:
-        _DRIVER.destroy(inst, timeout=60)
-
-
-def test_missing_binary_is_one_line_with_the_fix(target: Target) -> None:
-    options = {**target.options, "kernel_build": {**target.options["kernel_build"],
-                                                  "version": "0.0~19990101.0-1"}}
-    reason = _DRIVER.target_unavailable_reason(dataclasses.replace(target, options=options))
-    assert reason is not None
-    assert "0.0~19990101.0-1" in reason and "scripts/fetch-kernels.sh install" in reason
-    assert len(f"not run: {reason}") <= 100 and "\n" not in reason
+    def test_failed_start_leaves_no_process(self, target: Target,
+                                            built: dict[str, Any]) -> None:
+        broken = dataclasses.replace(target, options={**target.options,
+                                                      "runsc_flags": ["--platform=no-such"]})
+        run_id = f"test-{uuid.uuid4().hex[:8]}"
+        home = kernels.STATE_BASE / "gvisor" / f"iomux-{run_id}-t2-{target.name}"
+        with pytest.raises(TargetError, match="runsc run exited"):
+            self.driver.start(broken, run_id, "t2", timeout=60)
+        assert kernels.marked_pids(f"--root={home / 'state'}") == []
+        assert not home.exists()
