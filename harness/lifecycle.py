@@ -25,16 +25,9 @@ from typing import Any, Callable, Mapping, Sequence, TypeVar
 
 # The watchdog lives with the drivers, which call it too, and is re-exported for
 # the plugin. Every call here passes this module's GRACE (a test shortens it).
+from harness.drivers import base
 from harness.drivers.base import GRACE as GRACE
-from harness.drivers.base import (
-    Driver,
-    ExecResult,
-    Instance,
-    StepTimeout,
-    Target,
-    TargetError,
-    one_line,
-)
+from harness.drivers.base import Driver, ExecResult, Instance, StepTimeout, Target, TargetError
 from harness.drivers.base import call_with_timeout as call_with_timeout
 from harness.progress import EventLog
 
@@ -129,12 +122,12 @@ class TargetLifecycle:
             return call_with_timeout(label, self.timeouts[name], fn,
                                      finish_on_interrupt=name == "start", grace=GRACE)
         except (StepTimeout, TargetError) as exc:
-            self._emit("error", step=name, message=one_line(exc, limit=None))
+            self._emit("error", step=name, message=base.one_line(exc, limit=None))
             raise
         except Exception as exc:
             # A driver's own exception type becomes one line that names the step.
-            self._emit("error", step=name, message=one_line(exc, limit=None))
-            raise TargetError(f"{label}: {type(exc).__name__}: {one_line(exc, limit=None)}") from exc
+            self._emit("error", step=name, message=base.one_line(exc, limit=None))
+            raise TargetError(f"{label}: {type(exc).__name__}: {base.one_line(exc, limit=None)}") from exc
         finally:
             seconds = time.monotonic() - started
             self.timings[name] = self.timings.get(name, 0.0) + seconds
@@ -248,7 +241,7 @@ def sweep_leftovers(drivers: Mapping[str, Driver], stale_runs: Sequence[str] | N
                     found += call_with_timeout(f"sweep {kind}", timeout,
                                                functools.partial(driver.sweep, run), grace=GRACE)
         except Exception as exc:
-            found.append(f"sweep failed: {one_line(exc, limit=None)}")
+            found.append(f"sweep failed: {base.one_line(exc, limit=None)}")
         removed[kind] = found
         if events is not None:
             events.phase(f"<{kind}>", "done", f"swept {len(found)}" if found else "nothing to sweep")
