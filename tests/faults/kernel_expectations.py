@@ -37,5 +37,14 @@ EXPECTED_FAILURES: Dict[str, Dict[str, Expectation]] = {
             "gVisor netstack: with 4 KiB windows a loopback transfer can stall with "
             "data queued while the receiver reads (seen on 20221219 and 20240729)",
             strict=False),
+        # Seen on runsc 20240729 (select backend, one run of eleven targets at once
+        # on two cores): of 50,000 single-byte segments (TCP_NODELAY) 10,343 came
+        # back, then nothing more for the rest of the 120 s wait, while the other
+        # three backends and runsc 20221219 passed in the same run. No progress at
+        # all is a stall, not slowness; the same netstack hold as above is suspected.
+        "test_one_byte_fragments": Expectation(
+            "gVisor netstack: a loopback echo of single-byte segments can stop with "
+            "bytes still owed (seen once on 20240729, select backend)",
+            strict=False),
     },
 }
