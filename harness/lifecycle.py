@@ -82,6 +82,18 @@ def step_timeouts(target: Target, override: float | None = None) -> dict[str, fl
     return timeouts
 
 
+#: Seconds this process has spent in lifecycle steps (build, start, healthy, logs,
+#: destroy) of every target, so far; see steps_seconds().
+_STEP_SECONDS = [0.0]
+
+
+def steps_seconds() -> float:
+    """Seconds this process has spent in lifecycle steps so far. A target comes up in
+    the setup of its first test and goes in the teardown of its last, so the plugin
+    takes the difference over a test phase out of that phase's suite timing."""
+    return _STEP_SECONDS[0]
+
+
 class TargetLifecycle:
     """Bring one target up, tear it down, and say what happened on the event log."""
 
@@ -131,6 +143,7 @@ class TargetLifecycle:
         finally:
             seconds = time.monotonic() - started
             self.timings[name] = self.timings.get(name, 0.0) + seconds
+            _STEP_SECONDS[0] += seconds
             self._emit("timing", step=name, seconds=round(seconds, 3))
 
     # -- the sequence

@@ -51,7 +51,7 @@ from harness import reasons
 from harness import targets as targets_mod
 from harness.drivers import KINDS, DriverUnavailable, UnknownKind, get_driver
 from harness.drivers.base import Driver, ExecResult, Instance, StepTimeout, Target, TargetError
-from harness.lifecycle import TargetLifecycle, call_with_timeout, sweep_leftovers
+from harness.lifecycle import TargetLifecycle, call_with_timeout, steps_seconds, sweep_leftovers
 from harness.progress import EventLog, ProgressView, iter_events
 
 TARGET_ARG = "_iomux_target"
@@ -61,6 +61,9 @@ PROP_SUITE = "iomux_suite"
 #: CPU seconds (user + system, the worker and the children it waited for) of one
 #: test phase, on the host: the harness's own share, not the target's.
 PROP_HARNESS_CPU = "iomux_harness_cpu"
+#: Seconds of one test phase spent bringing a target up or down (lifecycle steps),
+#: which its suite's timing leaves out: the timings' build/start/... report them.
+PROP_LIFECYCLE = "iomux_lifecycle_s"
 STATE_KEY = pytest.StashKey["Harness"]()
 
 #: Where every harness run on this machine registers itself while it is alive
@@ -167,7 +170,8 @@ class RunningTarget:
 
 def suite_timings_of(tests: list[dict[str, Any]], records: dict[str, Any]
                      ) -> dict[str, dict[str, Any]]:
-    """Per suite: its tests, their wall seconds, the harness's CPU seconds on the host,
+    """Per suite: its tests, their wall seconds (without the lifecycle steps that ran in
+    a test's setup or teardown), the harness's CPU seconds on the host,
     and, for a suite run inside the target, that pytest's CPU seconds there (recorded by
     harness.guest_suites as ``suite_cpu:<suite>``; None elsewhere). Wall against CPU
     says whether a suite computes or waits (DESIGN.md section 4)."""
@@ -175,7 +179,10 @@ def suite_timings_of(tests: list[dict[str, Any]], records: dict[str, Any]
     for t in tests:
         entry = out.setdefault(t["suite"], {"tests": 0, "wall_s": 0.0, "harness_cpu_s": 0.0,
                                             "target_cpu_s": None})
-        entry["wall_s"] += float(t.get("duration") or 0.0)
+        # Less the target's bring-up or tear-down that ran inside this test's setup
+        # or teardown (the lifecycle timings report those).
+        entry["wall_s"] += max(0.0, float(t.get("duration") or 0.0)
+                               - float(t.get("lifecycle") or 0.0))
         entry["harness_cpu_s"] += float(t.get("harness_cpu") or 0.0)
     for suite, entry in out.items():
         entry["wall_s"] = round(entry["wall_s"], 3)
@@ -372,12 +379,15 @@ class Harness:
         record = self.tests.setdefault(nodeid, {
             "target": name, "suite": str(props.get(PROP_SUITE) or "unknown"),
             "name": nodeid.split("/")[-1], "outcome": None, "duration": 0.0,
-            "harness_cpu": 0.0,
+            "harness_cpu": 0.0, "lifecycle": 0.0,
         })
         record["duration"] = round(record["duration"] + report.duration, 4)
         cpu = props.get(PROP_HARNESS_CPU)
         if isinstance(cpu, (int, float)):
             record["harness_cpu"] = round(record["harness_cpu"] + cpu, 4)
+        steps = props.get(PROP_LIFECYCLE)
+        if isinstance(steps, (int, float)):
+            record["lifecycle"] = round(record["lifecycle"] + steps, 4)
         xfail = hasattr(report, "wasxfail")
         if report.failed:
             record["outcome"] = "failed" if report.when == "call" else "error"
@@ -441,6 +451,7 @@ class Harness:
             for t in tests:
                 t.pop("target", None)
                 t.pop("harness_cpu", None)
+                t.pop("lifecycle", None)
             for t in tests:
                 if t["suite"] in suite_timings:
                     suite_timings[t["suite"]]["tests"] += 1
@@ -713,6 +724,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 _CPU_MARK = pytest.StashKey[float]()
+_STEPS_MARK = pytest.StashKey[float]()
 
 
 def _cpu_seconds() -> float:
@@ -725,6 +737,7 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None
                             ) -> Generator[None, object, object]:
     """Mark the CPU clock where a test starts (its phases are measured from here)."""
     item.stash[_CPU_MARK] = _cpu_seconds()
+    item.stash[_STEPS_MARK] = steps_seconds()
     return (yield)
 
 
@@ -739,6 +752,11 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]
     if mark is not None:
         report.user_properties.append((PROP_HARNESS_CPU, round(now - mark, 4)))
     item.stash[_CPU_MARK] = now
+    steps_now = steps_seconds()
+    steps_mark = item.stash.get(_STEPS_MARK, None)
+    if steps_mark is not None and steps_now > steps_mark:
+        report.user_properties.append((PROP_LIFECYCLE, round(steps_now - steps_mark, 4)))
+    item.stash[_STEPS_MARK] = steps_now
     if report.failed:
         props = dict(item.user_properties)
         name = props.get(PROP_TARGET)

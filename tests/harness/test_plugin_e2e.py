@@ -76,6 +76,9 @@ def test_local_passes_and_a_missing_engine_is_not_run(tmp_path: Path) -> None:
     for name, entry in timing.items():
         assert entry["tests"] == sum(suites[name].values()), (name, entry, suites[name])
         assert entry["wall_s"] >= 0 and entry["harness_cpu_s"] >= 0
+    # The target's bring-up ran inside its first test's setup: the suites' walls leave
+    # it out, so together they fit in the lifecycle's "test" step.
+    assert sum(e["wall_s"] for e in timing.values()) <= local["timings"]["test"] + 1.0
     assert timing["faults"]["target_cpu_s"] > 0 and timing["faults"]["wall_s"] > 0
     assert timing["black-box"]["target_cpu_s"] is None
     assert timing["black-box"]["harness_cpu_s"] > 0
@@ -85,6 +88,23 @@ def test_local_passes_and_a_missing_engine_is_not_run(tmp_path: Path) -> None:
     assert docker["reason"].startswith("no Docker engine (")
     assert all(t["outcome"] == "skipped" for t in docker["tests"])
     assert "not run: no Docker engine (" in proc.stdout
+
+
+def test_suite_timings_leave_out_the_lifecycle_and_keep_the_wrappers_time() -> None:
+    from harness.plugin import suite_timings_of
+    tests = [
+        # The first test's setup brought the target up (7 s of its 10 s).
+        {"suite": "black-box", "duration": 10.0, "harness_cpu": 0.5, "lifecycle": 7.0},
+        {"suite": "black-box", "duration": 2.0, "harness_cpu": 0.25, "lifecycle": 0.0},
+        # The in-guest wrapper: its whole suite's time, before its inner tests replace it.
+        {"suite": "faults", "duration": 40.0, "harness_cpu": 1.0},
+    ]
+    records = {"suite_cpu:faults": {"wall_s": 39.5, "cpu_s": 30.0}}
+    got = suite_timings_of(tests, records)
+    assert got["black-box"] == {"tests": 0, "wall_s": 5.0, "harness_cpu_s": 0.75,
+                                "target_cpu_s": None}
+    assert got["faults"] == {"tests": 0, "wall_s": 40.0, "harness_cpu_s": 1.0,
+                             "target_cpu_s": 30.0}
 
 
 def test_a_failing_target_fails_the_run(tmp_path: Path) -> None:
