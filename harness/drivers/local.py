@@ -59,6 +59,29 @@ def _last_line(path: Path) -> str:
     return lines[-1] if lines else ""
 
 
+#: The file in a local target's scratch directory that names the run it belongs to.
+SCRATCH_MARK = ".iomux-run"
+
+
+def sweep_scratch(run_id: str | None, root: Path | None = None) -> list[str]:
+    """Remove the scratch directories (``iomux-<run>-<worker>-<target>-*`` in the
+    temporary directory, marked with SCRATCH_MARK) of ``run_id``, or of every run
+    when it is None. A directory without the mark is not ours and stays."""
+    removed = []
+    base_dir = root if root is not None else Path(tempfile.gettempdir())
+    pattern = f"iomux-{run_id}-*" if run_id is not None else "iomux-*"
+    for scratch in sorted(base_dir.glob(pattern)):
+        try:
+            owner = (scratch / SCRATCH_MARK).read_text().strip()
+        except OSError:
+            continue
+        if run_id is not None and owner != run_id:
+            continue
+        shutil.rmtree(scratch, ignore_errors=True)
+        removed.append(f"local scratch {scratch} (run {owner})")
+    return removed
+
+
 class LocalDriver(Driver):
     """Targets that are this host."""
 
@@ -107,6 +130,7 @@ class LocalDriver(Driver):
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(int(entry.name), signal.SIGKILL)
                 removed.append(f"local process {entry.name} (run {run})")
+        removed += sweep_scratch(run_id)
         return removed
 
     # -- lifecycle
@@ -144,6 +168,9 @@ class LocalDriver(Driver):
         user = self._server_user()
         name = f"iomux-{run_id}-{worker}-{target.name}"
         scratch = Path(tempfile.mkdtemp(prefix=f"{name}-"))
+        # The label a sweep finds it by, as a container's labels: a kill -9 of the
+        # run leaves the directory behind, and the next run's sweep removes it.
+        (scratch / SCRATCH_MARK).write_text(run_id + "\n")
         if user is not None:
             entry = pwd.getpwnam(user)
             os.chown(scratch, entry.pw_uid, entry.pw_gid)  # the servers write ready files here

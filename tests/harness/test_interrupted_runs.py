@@ -30,6 +30,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -325,6 +326,8 @@ def test_kill_9_leaves_leftovers_that_the_next_run_sweeps(tmp_path: Path,
     while _local_servers(run_id) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert _local_servers(run_id) == [], "local servers outlived the killed harness"
+    scratch = list(Path(tempfile.gettempdir()).glob(f"iomux-{run_id}-*"))
+    assert scratch, "kill -9 left no local scratch directory: nothing for the sweep to prove"
 
     others = _other_runs_alive(run_id)
     cheap = ["-n", "1", "--dist", "loadgroup", "-k", "test_python_and_kernel"]
@@ -337,6 +340,7 @@ def test_kill_9_leaves_leftovers_that_the_next_run_sweeps(tmp_path: Path,
     assert rc == 0, nxt.output()
     _assert_nothing_left(run_id)
     assert not (LIVE_DIR / f"{run_id}.lock").exists()
+    assert not [p for p in scratch if p.exists()], "the killed run's scratch directories remain"
     swept = nxt.results()["run"]["swept"]
     if not others:
         # No other run was alive to sweep first: this run's sweep took them.
