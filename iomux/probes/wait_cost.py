@@ -15,10 +15,10 @@ Method: one socketpair with a byte waiting (the one active fd) plus N idle
 socketpair ends; each wait has timeout 0 and must report exactly the active
 fd. Waits are timed in batches and the fastest batch's per-wait time is kept
 (load from elsewhere only adds time, so the minimum is the least disturbed).
-For the backends whose claim is "flat" (epoll, kqueue), the two ends of the
-line (0 and the largest N) are then timed again, batch for batch in turn, so
-that a burst of load from elsewhere on the machine falls on both ends alike
-instead of on one of them.
+Every point of every backend's line is then timed again, one batch per point
+in turn over several rounds, so that a burst of load from elsewhere on the
+machine falls on all the points alike instead of on one of them (each claim is
+a ratio of two points).
 """
 
 from __future__ import annotations
@@ -158,7 +158,7 @@ def probe(ctx: ProbeContext) -> Dict[str, Any]:
                 series[k].append(per_wait)
                 waits[k].append(calls)
                 cells_left -= 1
-        _retime_ends(ctx, waiters, counts, series, notes)
+        _retime_series(ctx, pool, a.fileno(), counts, series, notes)
     finally:
         for w in waiters.values():
             w.close()
@@ -169,35 +169,44 @@ def probe(ctx: ProbeContext) -> Dict[str, Any]:
             "unit": "seconds per wait (fastest batch), timeout 0, 1 ready fd"}
 
 
-FLAT_BACKENDS = ("epoll", "kqueue")
+def _retime_series(ctx: ProbeContext, pool: IdleSockets, active: int, counts: List[int],
+                   series: Dict[str, List[Optional[float]]], notes: Dict[str, str]) -> None:
+    """Time every measured point of each backend's line again, one batch per point in
+    turn, and keep each point's fastest batch.
 
-
-def _retime_ends(ctx: ProbeContext, waiters: Dict[str, _Waiter], counts: List[int],
-                 series: Dict[str, List[Optional[float]]], notes: Dict[str, str]) -> None:
-    """Time t(0) and t(largest N) of the flat backends in alternating batches."""
-    for k in FLAT_BACKENDS:
-        loaded = waiters.get(k)
-        if loaded is None or not series[k] or series[k][-1] is None or len(counts) < 2:
+    The first pass times the points one after another, so a burst of load from
+    elsewhere (other targets of a matrix on the same cores) can fall on one point
+    and not its neighbour, and a claim's ratio of two points moves with it. In
+    rounds that visit every point, such a burst falls on all of them alike."""
+    for k in BACKENDS:
+        points = [i for i, v in enumerate(series[k]) if v is not None]
+        if len(points) < 2:
             continue
-        empty = _Waiter(k, loaded.active)
+        waiters: List[_Waiter] = []
         try:
-            fns = (empty.wait_fn(), loaded.wait_fn())
-            times: tuple[List[float], List[float]] = ([], [])
+            for i in points:
+                w = _Waiter(k, active)
+                w.add(pool.grow_to(counts[i]))
+                waiters.append(w)
+            fns = [w.wait_fn() for w in waiters]
+            times: List[List[float]] = [[] for _ in points]
             end = time.monotonic() + max(0.2, min(2.0, ctx.left() / 4))
             rounds = 0
             while rounds < 3 or (time.monotonic() < end and rounds < ctx.size(200, 20)):
-                # Alternate which end goes first, so neither always follows the other.
-                order = (0, 1) if rounds % 2 == 0 else (1, 0)
-                for i in order:
-                    fn = fns[i]
+                # Start each round one point further on, so no point always follows
+                # the same neighbour.
+                for j in range(len(points)):
+                    at = (j + rounds) % len(points)
+                    fn = fns[at]
                     t0 = time.perf_counter()
                     for _ in range(BATCH):
                         fn()
-                    times[i].append((time.perf_counter() - t0) / BATCH)
+                    times[at].append((time.perf_counter() - t0) / BATCH)
                 rounds += 1
-            series[k][0] = min(times[0])
-            series[k][-1] = min(times[1])
-            notes[f"{k} ends"] = (f"t(0) and t({counts[-1]}) re-timed in {rounds} alternating "
-                                  f"rounds of {BATCH} waits")
+            for at, i in enumerate(points):
+                series[k][i] = min(times[at] + [series[k][i] or float("inf")])
+            notes[f"{k} re-timed"] = (f"n={', '.join(str(counts[i]) for i in points)} "
+                                      f"re-timed in {rounds} rounds of {BATCH} waits each")
         finally:
-            empty.close()
+            for w in waiters:
+                w.close()
