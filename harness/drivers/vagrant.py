@@ -160,6 +160,26 @@ def remote_command(argv: Sequence[str], user: str | None = None) -> str:
     return " ".join(shlex.quote(word) for word in words)
 
 
+#: How many logs of failed ``vagrant up`` attempts /var/tmp/iomux-vagrant/failed keeps
+#: (two per attempt: up.log and console.log), the newest; older ones go.
+FAILED_LOGS_KEPT = 20
+
+
+def keep_newest(directory: Path, keep: int) -> list[Path]:
+    """Remove all but the ``keep`` newest files of ``directory``; return the removed."""
+    try:
+        files = [p for p in directory.iterdir() if p.is_file()]
+    except OSError:
+        return []
+    files.sort(key=lambda p: (p.stat().st_mtime, p.name), reverse=True)
+    removed = []
+    for old in files[keep:]:
+        with contextlib.suppress(OSError):
+            old.unlink()
+            removed.append(old)
+    return removed
+
+
 class VagrantDriver(Driver):
     """VMs through vagrant: libvirt here (QEMU emulation), VirtualBox or libvirt elsewhere."""
 
@@ -407,6 +427,7 @@ class VagrantDriver(Driver):
                 src = Path(instance.data["dir"]) / name
                 if src.exists():
                     shutil.copy(src, failed_dir / f"{instance.resource_name}-{attempt}-{name}")
+            keep_newest(failed_dir, FAILED_LOGS_KEPT)
             self.destroy(instance, min(300.0, max(30.0, timeout - (time.monotonic() - began))))
         raise TargetError(f"{target.name}: {last} ({UP_ATTEMPTS} attempts at most; "
                           f"logs under {failed_dir})")

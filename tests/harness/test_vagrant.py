@@ -269,3 +269,17 @@ def test_sweep_removes_what_a_killed_run_left(driver: vd.VagrantDriver,
         subprocess.run(["virsh", "-c", uri, "undefine", domain], capture_output=True, timeout=60,
                        check=False)
         shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def test_failed_up_logs_keep_only_the_newest(tmp_path: Path) -> None:
+    # Interrupted or failed `vagrant up` attempts leave their logs for a person to
+    # read; without a bound they piled up in /var/tmp/iomux-vagrant/failed.
+    for i in range(25):
+        log = tmp_path / f"iomux-run-{i:02d}-up.log"
+        log.write_text("boom\n")
+        os.utime(log, (1_000_000 + i, 1_000_000 + i))
+    removed = vd.keep_newest(tmp_path, 20)
+    assert sorted(p.name for p in removed) == [f"iomux-run-{i:02d}-up.log" for i in range(5)]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"iomux-run-{i:02d}-up.log"
+                                                          for i in range(5, 25)]
+    assert vd.keep_newest(tmp_path / "absent", 20) == []
