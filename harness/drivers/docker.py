@@ -85,6 +85,10 @@ def _ready_file(backend: str) -> str:
     return f"/tmp/iomux-ready-{backend}.json"
 
 
+def _serve_log(backend: str) -> str:
+    return f"/tmp/iomux-serve-{backend}.log"
+
+
 def remove_container(container: Any, settle: float = 30.0) -> bool:
     """Force-remove ``container``; True if this call removed it.
 
@@ -404,9 +408,13 @@ class DockerDriver(Driver):
         if self._read_ready(instance, backend, port):
             return None
         api = self.client(instance.target).api
-        exec_id = api.exec_create(self._container(instance).id,
-                                  serve_argv(backend, port, "0.0.0.0",
-                                             ready_file=_ready_file(backend), quiet=True))["Id"]
+        # The engine keeps nothing of a detached exec's output, so the server's goes to
+        # a file in the container's /tmp that save_logs brings back. The script is a
+        # constant; the log's path and the command line are its arguments, never text.
+        argv = ["sh", "-c", 'log=$1; shift; exec "$@" >"$log" 2>&1', "sh", _serve_log(backend),
+                *serve_argv(backend, port, "0.0.0.0", ready_file=_ready_file(backend),
+                            quiet=True)]
+        exec_id = api.exec_create(self._container(instance).id, argv)["Id"]
         api.exec_start(exec_id, detach=True)
         return str(exec_id)
 
@@ -500,7 +508,17 @@ class DockerDriver(Driver):
         log_path.write_bytes(container.logs(stdout=True, stderr=True, timestamps=True))
         inspect_path = dest / f"{instance.resource_name}.inspect.json"
         inspect_path.write_text(json.dumps(container.attrs, indent=2, sort_keys=True))
-        return [log_path, inspect_path]
+        saved = [log_path, inspect_path]
+        # The per-backend servers started with exec (start_backend_server) log to /tmp.
+        python = str(instance.data.get("python", "python3"))
+        with contextlib.suppress(TargetError, StepTimeout):
+            found = self.exec(instance, [python, "-c", "import glob; print('\\n'.join(sorted("
+                                         f"glob.glob({_serve_log('*')!r}))))"], 30)
+            for path in found.stdout.split() if found.rc == 0 else []:
+                with contextlib.suppress(TargetError, StepTimeout):
+                    saved.append(self.copy_from(
+                        instance, path, dest / f"{instance.resource_name}-{Path(path).name}", 60))
+        return saved
 
     def destroy(self, instance: Instance, timeout: float) -> None:
         """Force-remove the container and its network; absent ones are fine."""

@@ -199,11 +199,17 @@ def test_copy_from_and_save_logs(driver: DockerDriver, instance: Any, tmp_path: 
     assert binary.read_bytes() == payload
     with pytest.raises(TargetError):
         driver.copy_from(instance, "/no/such/file", tmp_path / "x", timeout=60)
+    # A server started with exec leaves its own log, which save_logs brings back too.
+    driver.start_backend_server(instance, "select")
     saved = driver.save_logs(instance, tmp_path / "logs")
     assert {p.suffix for p in saved} == {".log", ".json"}
     inspect = json.loads(next(p for p in saved if p.suffix == ".json").read_text())
     assert inspect["Name"].lstrip("/") == instance.resource_name
-    assert b"listening on" in next(p for p in saved if p.suffix == ".log").read_bytes()
+    main_log = tmp_path / "logs" / f"{instance.resource_name}.log"
+    assert b"listening on" in main_log.read_bytes()
+    select_log = tmp_path / "logs" / f"{instance.resource_name}-iomux-serve-select.log"
+    assert select_log in saved, saved
+    assert b"listening on" in select_log.read_bytes() and b"backend=select" in select_log.read_bytes()
 
 
 def test_start_backend_server_rejects_unpublished_backend(driver: DockerDriver,
