@@ -15,7 +15,7 @@ from typing import Iterator, List, Tuple
 
 import pytest
 from faultproxy import FaultProxy, wait_for
-from serverproc import recv_exact, wait
+from serverproc import pump, recv_exact, wait
 
 pytestmark = pytest.mark.suite("faults")
 
@@ -193,3 +193,18 @@ def test_upstream_down_resets_client(make_proxy: List[FaultProxy]) -> None:
             assert c.recv(10) == b"", "data came from nowhere"
             raise ConnectionResetError("EOF")  # a FIN is fine too: no data came
     assert not proxy.errors
+
+
+def test_pump_fails_fast_on_a_stalled_transfer() -> None:
+    """A peer that takes the bytes and never answers: pump gives up once nothing has
+    moved for ``stall`` seconds, not after its whole timeout (gVisor's netstack
+    stalls made each such test wait out 360 s)."""
+    client, silent = socket.socketpair()
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(AssertionError, match="no byte moved for"):
+            pump([(client, b"x" * 1000)], timeout=600, stall=0.5)
+        assert time.monotonic() - t0 < wait(0.5) + 5
+    finally:
+        client.close()
+        silent.close()

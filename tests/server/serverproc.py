@@ -456,6 +456,7 @@ def pump(
     shut_wr: bool = False,
     read_chunk: int = 256 * 1024,
     read_late: bool = False,
+    stall: float = 30.0,
 ) -> List[bytes]:
     """Write every payload and read every echo at the same time, on many sockets at once.
 
@@ -467,7 +468,9 @@ def pump(
     a reader slower than its writer. With ``read_late`` a flow starts reading
     only once it has sent everything (and shut down), or when writing has
     stalled for half a second: data and EOF then reach the server while its
-    echo is still pending. Returns what each read.
+    echo is still pending. No byte moving either way for ``stall`` seconds
+    (stretched like ``timeout``) fails at once, before the whole timeout: that
+    is a stalled transfer, not a slow one. Returns what each read.
     """
     sel = selectors.DefaultSelector()
     states: List[_Flow] = []
@@ -484,17 +487,24 @@ def pump(
             sel.register(sock, events, i)
         open_flows = len(states)
         deadline = time.monotonic() + wait(timeout)
+        moved_at = time.monotonic()
+        moved = -1
         while open_flows:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
+            now = time.monotonic()
+            remaining = deadline - now
+            total = sum(s.sent + len(s.received) for s in states)
+            if total != moved:
+                moved, moved_at = total, now
+            stalled = now - moved_at >= wait(stall)
+            if remaining <= 0 or stalled:
                 progress = [
                     f"#{i}: sent {s.sent}/{len(s.payload)} got {len(s.received)} eof={s.eof}"
                     for i, s in enumerate(states)
                     if (s.eof is False and (shut_wr or len(s.received) < len(s.payload)))
                 ]
-                raise AssertionError(
-                    f"echo not complete after {wait(timeout):.1f}s: " + "; ".join(progress[:10])
-                )
+                what = (f"no byte moved for {wait(stall):.1f}s" if stalled
+                        else f"echo not complete after {wait(timeout):.1f}s")
+                raise AssertionError(f"{what}: " + "; ".join(progress[:10]))
             ready = sel.select(min(remaining, 0.5))
             if not ready and read_late:
                 # Writing stalled (backpressure): read now, or nothing moves again.
