@@ -119,7 +119,10 @@ class NetworkFaultTests:
         server = self.serve()
         rate = 512 * KiB
         proxy = self.proxy(server, bandwidth=rate)
-        payload = os.urandom(scaled(512 * KiB))
+        # At least half a second's worth: the pacing sends its first slice at once
+        # (rate / PACING_SLICES), so a payload of a few slices (64 KiB at uml-6-12's
+        # scale 0.125) came back in 0.11 s, under the 0.9x bound, by that slice alone.
+        payload = os.urandom(scaled(512 * KiB, minimum=256 * KiB))
         echoed, took = echo_timed(proxy.address, payload)
         assert echoed == payload
         assert 0.9 * len(payload) / rate <= took < wait(20), f"{took:.2f}s"
