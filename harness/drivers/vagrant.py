@@ -384,8 +384,9 @@ class VagrantDriver(Driver):
                               "scratch_dir": "/tmp",
                               "python": "python3",
                               # Python under QEMU emulation runs ~10x slower:
-                              # the fault suite runs at a quarter of its sizes.
-                              "test_scale": 0.25,
+                              # the fault suite runs at a quarter of its sizes,
+                              # or at the target's test_scale (targets.toml).
+                              "test_scale": float(target.options.get("test_scale", 0.25)),
                               "guest_ports": guest_ports})
 
     def start(self, target: Target, run_id: str, worker: str, timeout: float) -> Instance:
