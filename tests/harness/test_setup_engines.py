@@ -153,7 +153,7 @@ def test_make_runs_stop_when_the_tests_fail(machine: dict[str, Path], tmp_path: 
     # The Makefile's test-all-os with a stand-in Python whose pytest fails.
     machine["uid"].write_text("0\n")
     fake = tmp_path / "python"
-    fake.write_text("#!/bin/bash\ncase \"$*\" in *--kinds*) echo docker;; *--count*) echo 1;;"
+    fake.write_text("#!/bin/bash\ncase \"$*\" in *--kinds*) echo docker;; *--count*|*--workers*) echo 1;;"
                     " *) exit 1;; esac\n")
     fake.chmod(0o755)
     env = {**a_users_shell(), "PATH": f"{machine['bin']}", "IOMUX_SETUP_LOG_DIR": str(tmp_path),
@@ -199,7 +199,7 @@ def test_make_runs_stop_on_ctrl_c(machine: dict[str, Path], tmp_path: Path) -> N
 
     machine["uid"].write_text("0\n")
     fake = tmp_path / "python"
-    fake.write_text("#!/bin/bash\ncase \"$*\" in *--kinds*) echo docker;; *--count*) echo 1;;"
+    fake.write_text("#!/bin/bash\ncase \"$*\" in *--kinds*) echo docker;; *--count*|*--workers*) echo 1;;"
                     f" *) touch {tmp_path}/testing; exec sleep 60;; esac\n")
     fake.chmod(0o755)
     env = {**a_users_shell(), "PATH": f"{machine['bin']}", "IOMUX_SETUP_LOG_DIR": str(tmp_path),
