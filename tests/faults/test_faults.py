@@ -406,7 +406,13 @@ class ServerFaultTests:
         busy = (cpu1 - cpu0) / (t1 - t0)
         print(f"fd exhaustion: server CPU {busy:.1%}, extra clients {outcomes}, "
               f"{len(knockers)} more knocked meanwhile")
-        assert busy < 0.2, f"server used {busy:.0%} of a CPU while out of descriptors"
+        # A spin on the listener is a whole CPU anywhere. What the server honestly
+        # spends is per knock (accept, EMFILE, back off), which grows as the machine
+        # is slower: the bound stretches like every wait, up to half a CPU (an
+        # emulated VM among other targets read 21% against the flat 20%).
+        bound = min(0.5, wait(0.2))
+        assert busy < bound, (f"server used {busy:.0%} of a CPU while out of descriptors "
+                              f"(bound {bound:.0%})")
 
     # -- signals ----------------------------------------------------------------------------------
 
