@@ -76,7 +76,7 @@ unit: $(STAMP)
 
 test: check unit test-all-os
 
-# xdist workers: one target each at a time, at most twice the cores (harness.targets
+# xdist workers: one target each at a time, at most the cores and one (harness.targets
 # --workers; IOMUX_WORKERS=N sets the cap), the heaviest targets (targets.toml weight)
 # first; --dist loadgroup keeps a target's tests on one worker. The report
 # (results.json, junit.xml, ...) goes to reports/<run-id>/.

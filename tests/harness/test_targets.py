@@ -110,13 +110,14 @@ def test_count_helper_for_the_makefile() -> None:
     assert bad.stderr.count("\n") == 1 and "known targets: local" in bad.stderr
 
 
-def test_workers_are_capped_at_twice_the_cores(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_workers_are_capped_at_the_cores_and_one(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("IOMUX_WORKERS", raising=False)
-    assert targets.workers(11, cpus=2) == 4
-    assert targets.workers(3, cpus=2) == 3
+    assert targets.workers(11, cpus=2) == 3
+    assert targets.workers(2, cpus=2) == 2
     assert targets.workers(0, cpus=2) == 1
     assert targets.workers(11, cpus=1) == 2
     assert targets.workers(11, cpus=16) == 11
+    assert targets.workers(11, cpus=4) == 5
     monkeypatch.setenv("IOMUX_WORKERS", "2")
     assert targets.workers(11, cpus=64) == 2
     monkeypatch.setenv("IOMUX_WORKERS", "many")

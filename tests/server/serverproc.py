@@ -456,7 +456,7 @@ def pump(
     shut_wr: bool = False,
     read_chunk: int = 256 * 1024,
     read_late: bool = False,
-    stall: float = 30.0,
+    stall: float = 10.0,
 ) -> List[bytes]:
     """Write every payload and read every echo at the same time, on many sockets at once.
 
