@@ -174,7 +174,7 @@ def suite_timings_of(tests: list[dict[str, Any]], records: dict[str, Any]
     a test's setup or teardown), the harness's CPU seconds on the host,
     and, for a suite run inside the target, that pytest's CPU seconds there (recorded by
     harness.guest_suites as ``suite_cpu:<suite>``; None elsewhere). Wall against CPU
-    says whether a suite computes or waits (DESIGN.md section 4)."""
+    says whether a suite computes or waits (DESIGN.md section 6)."""
     out: dict[str, dict[str, Any]] = {}
     for t in tests:
         entry = out.setdefault(t["suite"], {"tests": 0, "wall_s": 0.0, "harness_cpu_s": 0.0,
