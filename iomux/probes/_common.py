@@ -14,6 +14,7 @@ import os
 import resource
 import select
 import socket
+import statistics
 import sys
 import time
 from typing import Any, Callable, Dict, Optional
@@ -145,15 +146,12 @@ def tcp_pair(listener: socket.socket | None = None) -> tuple[socket.socket, sock
             lst.close()
 
 
-def fastest_per_call(fn: Callable[[], object], batch: int, max_batches: int,
-                     min_batches: int, seconds: float) -> tuple[float, int]:
-    """Seconds per call of ``fn`` in its fastest batch of ``batch`` calls.
+def median_per_call(fn: Callable[[], object], batch: int, max_batches: int,
+                    min_batches: int, seconds: float) -> tuple[float, int]:
+    """Median seconds per call of ``fn``, timed in batches of ``batch`` calls.
 
-    The fastest batch, not the median: on a shared machine (a matrix of targets on
-    two cores) other processes only ever add time to a batch, never take it away,
-    so the minimum is the estimate they disturb least (the rule of CPython's timeit).
     Stops after ``max_batches`` or once ``seconds`` have gone (but never before
-    ``min_batches``). Returns (seconds per call, calls made)."""
+    ``min_batches``). Returns (median seconds per call, calls made)."""
     times: list[float] = []
     end = time.monotonic() + seconds
     while len(times) < max_batches and (len(times) < min_batches or time.monotonic() < end):
@@ -161,7 +159,7 @@ def fastest_per_call(fn: Callable[[], object], batch: int, max_batches: int,
         for _ in range(batch):
             fn()
         times.append((time.perf_counter() - t0) / batch)
-    return min(times), len(times) * batch
+    return statistics.median(times), len(times) * batch
 
 
 # Symbolic names, in the order a person reads them. Only names this Python's

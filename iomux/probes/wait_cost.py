@@ -13,8 +13,9 @@ Facts this probe relies on:
 
 Method: one socketpair with a byte waiting (the one active fd) plus N idle
 socketpair ends; each wait has timeout 0 and must report exactly the active
-fd. Waits are timed in batches and the fastest batch's per-wait time is kept
-(load from elsewhere only adds time, so the minimum is the least disturbed).
+fd. Waits are timed in batches and the median per-wait time is kept. (Not the
+fastest batch: on the host's own kernel the fastest batches of t(0) and
+t(10000) differ by 1.3x, cache effects a median evens out.)
 Every point of every backend's line is then timed again, one batch per point
 in turn over several rounds, so that a burst of load from elsewhere on the
 machine falls on all the points alike instead of on one of them (each claim is
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import select
 import socket
+import statistics
 import time
 from typing import Any, Callable, Dict, List, Optional
 
@@ -35,9 +37,9 @@ from iomux.probes._common import (
     SEL,
     IdleSockets,
     ProbeContext,
-    fastest_per_call,
     has_epoll,
     has_kqueue,
+    median_per_call,
     nofile_soft,
     open_fd_count,
     raise_nofile,
@@ -98,7 +100,7 @@ class _Waiter:
 
 
 def probe(ctx: ProbeContext) -> Dict[str, Any]:
-    """Seconds per wait (fastest batch), per backend, at each idle-fd count."""
+    """Median seconds per wait, per backend, at each idle-fd count."""
     raise_nofile()
     avail = {"select": (True, ""), "poll": (hasattr(select, "poll"), NO_POLL),
              "epoll": (has_epoll(), NO_EPOLL), "kqueue": (has_kqueue(), NO_KQUEUE)}
@@ -153,7 +155,7 @@ def probe(ctx: ProbeContext) -> Dict[str, Any]:
                     notes[f"{k} n={n}"] = f"reported {ready} ready fds, expected 1"
                 # Each cell gets an equal share of the time that is left.
                 share = max(0.02, ctx.left() / max(1, cells_left))
-                per_wait, calls = fastest_per_call(fn, BATCH, max_batches=ctx.size(40, 3),
+                per_wait, calls = median_per_call(fn, BATCH, max_batches=ctx.size(40, 3),
                                                   min_batches=3, seconds=share)
                 series[k].append(per_wait)
                 waits[k].append(calls)
@@ -166,13 +168,13 @@ def probe(ctx: ProbeContext) -> Dict[str, Any]:
         a.close()
         b.close()
     return {"idle_counts": counts, "backends": series, "waits_timed": waits, "notes": notes,
-            "unit": "seconds per wait (fastest batch), timeout 0, 1 ready fd"}
+            "unit": "seconds per wait (median), timeout 0, 1 ready fd"}
 
 
 def _retime_series(ctx: ProbeContext, pool: IdleSockets, active: int, counts: List[int],
                    series: Dict[str, List[Optional[float]]], notes: Dict[str, str]) -> None:
     """Time every measured point of each backend's line again, one batch per point in
-    turn, and keep each point's fastest batch.
+    turn, and keep each point's median batch.
 
     The first pass times the points one after another, so a burst of load from
     elsewhere (other targets of a matrix on the same cores) can fall on one point
@@ -204,7 +206,7 @@ def _retime_series(ctx: ProbeContext, pool: IdleSockets, active: int, counts: Li
                     times[at].append((time.perf_counter() - t0) / BATCH)
                 rounds += 1
             for at, i in enumerate(points):
-                series[k][i] = min(times[at] + [series[k][i] or float("inf")])
+                series[k][i] = statistics.median(times[at])
             notes[f"{k} re-timed"] = (f"n={', '.join(str(counts[i]) for i in points)} "
                                       f"re-timed in {rounds} rounds of {BATCH} waits each")
         finally:
