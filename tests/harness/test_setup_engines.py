@@ -7,9 +7,12 @@ is a sleeping shell script, and stop is checked to stop only it.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import subprocess
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -39,8 +42,9 @@ def _stub(bindir: Path, name: str, body: str) -> None:
 
 
 @pytest.fixture
-def machine(tmp_path: Path) -> dict[str, Path]:
-    """A PATH of every host tool but the engines, plus stubs; uid 1000 without sudo."""
+def machine(tmp_path: Path) -> Iterator[dict[str, Path]]:
+    """A PATH of every host tool but the engines, plus stubs; uid 1000 without sudo.
+    A stub dockerd still up when the test ends (a failed test's) is stopped."""
     bindir = tmp_path / "bin"
     bindir.mkdir()
     for d in ("/usr/local/bin", "/usr/bin", "/bin", "/usr/sbin", "/sbin"):
@@ -65,7 +69,9 @@ def machine(tmp_path: Path) -> dict[str, Path]:
     _stub(bindir, ".dockerd", f'echo "dockerd $*" >>{calls}; echo $$ >{up}; '
                               f"trap 'rm -f {up}; exit 0' TERM; while :; do sleep 0.1; done")
     _stub(bindir, "docker", f'[[ -s {up} ]] && kill -0 "$(cat {up})" 2>/dev/null')
-    return {"bin": bindir, "calls": calls, "uid": uid, "up": up, "tmp": tmp_path}
+    yield {"bin": bindir, "calls": calls, "uid": uid, "up": up, "tmp": tmp_path}
+    with contextlib.suppress(OSError, ValueError):
+        os.kill(int(up.read_text()), signal.SIGKILL)
 
 
 def run(machine: dict[str, Path], *args: str, **env: str) -> subprocess.CompletedProcess[str]:
