@@ -99,7 +99,7 @@ def test_missing_file(tmp_path: Path) -> None:
         load(tmp_path / "absent.toml")
 
 
-def test_count_helper_for_the_makefile() -> None:
+def test_count_helper() -> None:
     ok = subprocess.run([sys.executable, "-m", "harness.targets", "--count", "--targets",
                          "local,debian-12"], cwd=REPO, capture_output=True, text=True,
                         check=False)
