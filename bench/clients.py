@@ -18,7 +18,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.procs import Server, run_delay_seconds, tree_cpu_times, tree_run_delay_seconds
+from bench.procs import (
+    Server,
+    run_delay_seconds,
+    tree_cpu_times,
+    tree_on_cpu_seconds,
+    tree_run_delay_seconds,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 WARMUP_S = 0.5
@@ -62,7 +68,9 @@ def measure(
 ) -> dict[str, object]:
     """One closed-loop run; returns the client's report plus the server's CPU over the window.
 
-    Added keys: ``server_cpu_s`` (``server_user_s`` + ``server_sys_s``), ``window_s`` (wall time the CPU was read over),
+    Added keys: ``server_cpu_s`` (``server_user_s`` + ``server_sys_s``; ``cpu_clock`` says
+    whether it is schedstat's exact on-CPU time or the ticks of /proc/PID/stat),
+    ``window_s`` (wall time the CPU was read over),
     ``server_cpu_util`` (share of one CPU), ``client_cpu_util``,
     ``server_wait_share`` and ``client_wait_share`` (run-queue wait over the
     window: the CPU other processes took from them, i.e. the noise),
@@ -80,7 +88,7 @@ def measure(
     )
     assert proc.stdout is not None and proc.stderr is not None
 
-    def sample() -> tuple[float, float, float, float, float]:
+    def sample() -> tuple[float, float, float, float, float, float | None]:
         user, system = tree_cpu_times(server.pid)
         return (
             time.monotonic(),
@@ -88,6 +96,7 @@ def measure(
             tree_run_delay_seconds(server.pid),
             run_delay_seconds(proc.pid),
             system,
+            tree_on_cpu_seconds(server.pid),
         )
 
     a = sample()
@@ -118,9 +127,16 @@ def measure(
     window = b[0] - a[0]
     server_user, server_sys = b[1] - a[1], b[4] - a[4]
     server_cpu = server_user + server_sys
+    if a[5] is not None and b[5] is not None:
+        # The scheduler's exact on-CPU time, split in the ticks' proportion (procs.py).
+        exact = b[5] - a[5]
+        user_share = server_user / server_cpu if server_cpu > 0 else 0.0
+        server_cpu, server_user = exact, exact * user_share
+        server_sys = exact - server_user
     client_cpu = float(report["client_cpu_s"])  # type: ignore[arg-type]
     report.update(
         server_cpu_s=server_cpu,
+        cpu_clock="schedstat" if a[5] is not None and b[5] is not None else "ticks",
         server_user_s=server_user,
         server_sys_s=server_sys,
         window_s=window,

@@ -381,7 +381,7 @@ def table(doc: Json) -> str:
     st = doc["settings"]
     lines += [
         "",
-        "CPU us/req = user + sys (server, from /proc); srv CPU: its CPU time / wall time; wait: its",
+        "CPU us/req = user + sys (server: schedstat on-CPU time, split by utime/stime); srv CPU: its CPU time / wall time; wait: its",
         f"run-queue wait / wall time (CPU taken by other processes). {st['pinning']}; load average",
         f"at start {doc['host']['loadavg_start']}, at end {doc['host'].get('loadavg_end')}.",
         f"sysc/req, wake/req, ev/wake: {st['syscalls_method']}",
@@ -616,7 +616,7 @@ def run(args: argparse.Namespace) -> Json:
             "client": client.kind,
             "client_note": None if client.kind == "c" else f"C client not used: {client_why}",
             "pinning": pin_note,
-            "cpu_per_req": "server utime+stime from /proc over the window, / requests counted",
+            "cpu_per_req": "server on-CPU time over the window (/proc/PID/schedstat, split into user and system in utime:stime proportion; ticks where schedstat is missing), / requests counted",
             **count_notes,
         },
         "servers": servers,

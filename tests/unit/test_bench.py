@@ -16,6 +16,7 @@ import statistics
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
@@ -325,6 +326,28 @@ def test_procs_cpu_seconds_of_this_process() -> None:
     assert procs.cpu_seconds(os.getpid()) >= before
     rss, hwm = procs.rss_bytes(os.getpid())
     assert 0 < rss <= hwm
+
+
+def test_on_cpu_seconds_is_finer_than_a_tick() -> None:
+    """schedstat's on-CPU time of a busy process agrees with its ticks, and is not
+    a whole number of ticks (it is the scheduler's nanosecond clock)."""
+    from bench import procs
+
+    burner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        readings = []
+        for _ in range(5):
+            time.sleep(0.13)
+            ticks, exact = procs.cpu_seconds(burner.pid), procs.tree_on_cpu_seconds(burner.pid)
+            assert exact is not None, "no /proc/PID/schedstat (CONFIG_SCHED_INFO) here"
+            assert abs(exact - ticks) < 0.05
+            readings.append(exact)
+        assert readings == sorted(readings) and readings[-1] > readings[0]
+        assert any(round(r * 1e9) % 10_000_000 for r in readings)
+    finally:
+        burner.kill()
+        burner.wait()
+    assert procs.on_cpu_seconds(burner.pid) is None
 
 
 def _server_doc(cpu: dict[str, float | None], rps: dict[str, float]) -> dict[str, object]:
