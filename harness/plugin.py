@@ -53,6 +53,7 @@ from harness.drivers import KINDS, DriverUnavailable, UnknownKind, get_driver
 from harness.drivers.base import Driver, ExecResult, Instance, StepTimeout, Target, TargetError
 from harness.lifecycle import TargetLifecycle, call_with_timeout, steps_seconds, sweep_leftovers
 from harness.progress import EventLog, ProgressView, iter_events
+from harness.scheduling import target_scheduling
 
 TARGET_ARG = "_iomux_target"
 BACKEND_ARG = "target_backend"
@@ -628,55 +629,15 @@ def pytest_configure_node(node: Any) -> None:
                                  "not_run": harness.not_run}
 
 
-def target_of_nodeid(nodeid: str, names: Sequence[str]) -> str | None:
-    """The target a test id belongs to: its ``@group`` suffix when xdist added one,
-    else the target name its parameter id starts with (ours is parametrised first)."""
-    if nodeid.rfind("@") > nodeid.rfind("]"):
-        return nodeid.rsplit("@", 1)[1]
-    last = nodeid.rsplit("::", 1)[-1]
-    if "[" not in last or not last.endswith("]"):
-        return None
-    ids = last[last.index("[") + 1:-1]
-    found = [n for n in names if ids == n or ids.startswith(n + "-")]
-    if not found:
-        found = [n for n in names if f"-{n}-" in f"-{ids}-"]
-    return max(found, key=len) if found else None
-
-
-def heaviest_first(waiting: list[str], weights: dict[str, float]) -> str:
-    """The target (xdist scope) to start next: the heaviest still waiting (longest
-    processing time first, so the longest target does not begin last and the run end
-    on it alone); ties keep the collection's order, which is targets.toml's."""
-    return max(waiting, key=lambda s: (weights.get(s, 1.0), -waiting.index(s)))
-
-
 @pytest.hookimpl(optionalhook=True, tryfirst=True)
 def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
-    """``--dist loadgroup``, grouping by target whatever the xdist_group suffix does.
-
-    xdist 3.8 marks a group by rewriting ``item._nodeid``, which pytest 9 no longer
-    reads (the node id lives in ``item._id``), so its loadgroup silently degrades
-    to plain load and one target's tests spread over every worker, each bringing
-    the target up again. This scheduler finds the target in the test id instead."""
+    """``--dist loadgroup``, grouping by target whatever the xdist_group suffix does
+    (harness.scheduling says why), the heaviest waiting target first."""
     if config.getvalue("dist") != "loadgroup":
         return None
-    from xdist.scheduler import LoadScopeScheduling
-
     selected = _harness(config).selected
-    names = [t.name for t in selected]
-    weights = {t.name: targets_mod.weight(t) for t in selected}
-
-    class TargetScheduling(LoadScopeScheduling):  # type: ignore[misc]
-        def _split_scope(self, nodeid: str) -> str:
-            return target_of_nodeid(nodeid, names) or nodeid
-
-        def _assign_work_unit(self, node: Any) -> None:
-            if self.workqueue:
-                self.workqueue.move_to_end(heaviest_first(list(self.workqueue), weights),
-                                           last=False)
-            super()._assign_work_unit(node)
-
-    return TargetScheduling(config, log)
+    return target_scheduling(config, log, [t.name for t in selected],
+                             {t.name: targets_mod.weight(t) for t in selected})
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
