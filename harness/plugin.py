@@ -18,35 +18,32 @@ workers
 Workers talk to the controller through ``<run dir>/events.jsonl``
 (harness.progress) and through each test report's ``user_properties``.
 The target a suite sees, and the ``Instance.data`` contract, are in
-harness.running_target.
+harness.running_target; run ids, reports/<run-id>/, the engine checks, the
+live-run locks and the sweep in harness.runs.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime
-import fcntl
-import functools
 import json
 import os
 import platform
 import signal
 import socket
 import sys
-import tempfile
 import time
-import uuid
 from pathlib import Path
 from types import FrameType
 from typing import IO, Any, Generator, Iterator
 
 import pytest
 
-from harness import reasons
+from harness import reasons, runs
 from harness import targets as targets_mod
-from harness.drivers import KINDS, DriverUnavailable, UnknownKind, get_driver
-from harness.drivers.base import Driver, StepTimeout, Target, TargetError
-from harness.lifecycle import TargetLifecycle, call_with_timeout, steps_seconds, sweep_leftovers
+from harness.drivers import DriverUnavailable, get_driver
+from harness.drivers.base import StepTimeout, Target, TargetError
+from harness.lifecycle import TargetLifecycle, steps_seconds
 from harness.progress import EventLog, ProgressView, iter_events
 from harness.running_target import RunningTarget
 from harness.scheduling import target_scheduling
@@ -62,11 +59,6 @@ PROP_HARNESS_CPU = "iomux_harness_cpu"
 #: which its suite's timing leaves out: the timings' build/start/... report them.
 PROP_LIFECYCLE = "iomux_lifecycle_s"
 STATE_KEY = pytest.StashKey["Harness"]()
-
-#: Where every harness run on this machine registers itself while it is alive
-#: (a file held under flock), whatever its reports directory: a sweep must not
-#: remove the containers of another engineer's run that is still going.
-LIVE_DIR = Path(tempfile.gettempdir()) / "iomux-harness-runs"
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -84,11 +76,6 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="the targets file (default: targets.toml at the repository root)")
     group.addoption("--reports-dir", default=None, metavar="DIR",
                     help="where reports/<run-id>/ goes (default: reports/ at the rootdir)")
-
-
-def get_module_name(kind: str) -> str:
-    """The driver module of ``kind`` (for a reason that names it)."""
-    return KINDS.get(kind, f"harness.drivers.{kind}")
 
 
 def _now_iso() -> str:
@@ -155,7 +142,6 @@ class Harness:
         self.summary = ""
         self.old_handlers: dict[int, Any] = {}
         self.out: IO[str] | None = None
-        self._live_fd: int | None = None
         self.started_wall = time.time()
         self.started = _now_iso()
         if workerinput is not None:
@@ -166,22 +152,15 @@ class Harness:
             self.swept: dict[str, list[str]] = {}
         else:
             self._set_up_run()
+        self.live = runs.LiveRun(self.run_id)
         self.events = EventLog(self.run_dir / "events.jsonl", self.worker)
 
     # -- controller: the run
     def _set_up_run(self) -> None:
         reports = self.config.getoption("reports_dir")
         reports_dir = Path(reports) if reports else self.config.rootpath / "reports"
-        stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
-        self.run_id = f"{stamp}-{uuid.uuid4().hex[:6]}"
-        self.run_dir = reports_dir / self.run_id
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        latest = reports_dir / "latest"
-        tmp = reports_dir / f".latest-{self.run_id}"
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        tmp.symlink_to(self.run_id)
-        os.replace(tmp, latest)  # atomic: a reader never sees no "latest"
+        self.run_id = runs.new_run_id()
+        self.run_dir = runs.make_run_dir(reports_dir, self.run_id)
         # xdist names its testrun_uid after ours, so worker resource names carry it.
         if getattr(self.config.option, "testrunuid", "absent") is None:
             self.config.option.testrunuid = self.run_id
@@ -193,79 +172,11 @@ class Harness:
 
     def check_engines(self) -> None:
         """Decide which selected targets cannot run here, and why (one line each)."""
-        kind_reason: dict[str, str | None] = {}
-        for target in self.selected:
-            try:
-                driver = get_driver(target.kind)
-                if target.kind not in kind_reason:
-                    kind_reason[target.kind] = call_with_timeout(
-                        f"{target.kind} engine check", 60, driver.unavailable_reason)
-                reason = kind_reason[target.kind] or call_with_timeout(
-                    f"{target.name} image/box check", 120,
-                    functools.partial(driver.target_unavailable_reason, target))
-            except (UnknownKind, DriverUnavailable) as exc:
-                reason = reasons.driver_missing(get_module_name(target.kind), exc)
-            except Exception as exc:  # a driver's check that breaks means "cannot run"
-                reason = reasons.engine_check_failed(target.kind, exc)
-            if reason:
-                self.not_run[target.name] = self.note_not_run(target.name, reason)
-
-    def note_not_run(self, name: str, reason: str) -> str:
-        """The one line a not-run target shows everywhere (harness.reasons.fit); the
-        whole story goes to the target's log, targets/<name>/not-run.log."""
-        line = reasons.fit(reason)
-        detail = getattr(line, "detail", "") or getattr(reason, "detail", "")
-        if detail:
-            log = self.run_dir / "targets" / name / "not-run.log"
-            log.parent.mkdir(parents=True, exist_ok=True)
-            with open(log, "a") as fh:
-                fh.write(f"not run: {line}\n{detail}\n")
-        return str(line)
-
-    def register_live(self) -> list[str] | None:
-        """Register this run as alive; return the dead runs to sweep (None: every run)."""
-        LIVE_DIR.mkdir(parents=True, exist_ok=True)
-        with contextlib.suppress(OSError):
-            LIVE_DIR.chmod(0o1777)
-        others_alive = False
-        stale: list[str] = []
-        for lock in LIVE_DIR.glob("*.lock"):
-            try:
-                fd = os.open(lock, os.O_RDWR)
-            except OSError:
-                continue
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                others_alive = True  # its owner still holds it
-            else:
-                stale.append(lock.stem)  # killed without cleaning up: sweep its resources
-                with contextlib.suppress(OSError):
-                    lock.unlink()
-            finally:
-                os.close(fd)
-        self._live_fd = os.open(LIVE_DIR / f"{self.run_id}.lock",
-                                os.O_RDWR | os.O_CREAT, 0o644)
-        fcntl.flock(self._live_fd, fcntl.LOCK_EX)
-        return stale if others_alive else None
-
-    def unregister_live(self) -> None:
-        """This run is over: its lock goes, so no later sweep waits on it."""
-        if self._live_fd is not None:
-            with contextlib.suppress(OSError):
-                (LIVE_DIR / f"{self.run_id}.lock").unlink()
-            os.close(self._live_fd)
-            self._live_fd = None
+        self.not_run.update(runs.check_engines(self.selected, self.run_dir))
 
     def sweep(self) -> None:
         """The sweep step, once per run, for each kind that will run."""
-        stale = self.register_live()
-        drivers: dict[str, Driver] = {}
-        for target in self.selected:
-            if target.name not in self.not_run and target.kind not in drivers:
-                with contextlib.suppress(UnknownKind, DriverUnavailable):
-                    drivers[target.kind] = get_driver(target.kind)
-        self.swept = sweep_leftovers(drivers, stale, self.events)
+        self.swept = runs.sweep_dead_runs(self.live, self.selected, self.not_run, self.events)
 
     def start_view(self) -> None:
         """Start the live progress view."""
@@ -674,7 +585,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         return
     if harness.view is not None:
         harness.view.stop()
-    harness.unregister_live()
+    harness.live.unregister()
     harness.interrupted = exitstatus == pytest.ExitCode.INTERRUPTED
     results = harness.build_results()
     try:
@@ -717,7 +628,7 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     harness.tear_down_all()
     if harness.view is not None:
         harness.view.stop()
-    harness.unregister_live()
+    harness.live.unregister()
     for signum, handler in harness.old_handlers.items():
         if handler is not None:  # None: a handler set outside Python, not ours to restore
             signal.signal(signum, handler)
@@ -750,7 +661,8 @@ def running_target(target: Target, pytestconfig: pytest.Config) -> Iterator[Runn
         harness.lifecycles.pop(target.name, None)
         if _is_unavailable(exc):
             # The image or box cannot be had here: not run, never failed.
-            why = harness.note_not_run(target.name, exc.args[0] if exc.args else str(exc))
+            why = runs.note_not_run(harness.run_dir, target.name,
+                                    exc.args[0] if exc.args else str(exc))
             harness.events.emit(target.name, "not_run", reason=why)
             pytest.skip(f"not run: {why}")
         harness.failed_targets.add(target.name)
