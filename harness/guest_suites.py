@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from harness.drivers.base import TargetError
-from harness.plugin import RunningTarget
+from harness.running_target import RunningTarget
 
 #: The behaviour suite takes about a minute here; a VM under emulation is slower.
 INNER_TIMEOUT = 1800.0

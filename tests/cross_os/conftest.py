@@ -22,7 +22,7 @@ def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool 
 # pytest-testinfra's own plugin also defines a ``host`` fixture (parametrised by
 # its --hosts option) and, being loaded after ``-p harness.plugin``, would win;
 # a conftest fixture is closer to the tests than either plugin, so this one does.
-from harness.plugin import RunningTarget  # noqa: E402
+from harness.running_target import RunningTarget  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -19,7 +19,7 @@ import threading
 import pytest
 
 from harness.drivers.base import Target
-from harness.plugin import RunningTarget
+from harness.running_target import RunningTarget
 
 pytestmark = pytest.mark.suite("black-box")
 

@@ -28,7 +28,7 @@ from typing import Any, Dict, List, Optional
 import pytest
 
 from harness.drivers.base import Target
-from harness.plugin import RunningTarget
+from harness.running_target import RunningTarget
 from iomux.probes import claims
 
 pytestmark = pytest.mark.suite("claims")

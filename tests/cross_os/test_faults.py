@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from harness.guest_suites import run_inner_suite
-from harness.plugin import RunningTarget
+from harness.running_target import RunningTarget
 
 pytestmark = pytest.mark.suite("faults")
 

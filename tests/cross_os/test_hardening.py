@@ -26,7 +26,7 @@ from typing import Any
 
 import pytest
 
-from harness.plugin import RunningTarget
+from harness.running_target import RunningTarget
 
 pytestmark = pytest.mark.suite("host")
 

@@ -13,7 +13,7 @@ import pytest
 
 import iomux
 from harness.drivers.base import BACKEND_PORTS, Target
-from harness.plugin import RunningTarget
+from harness.running_target import RunningTarget
 
 pytestmark = pytest.mark.suite("host")
 

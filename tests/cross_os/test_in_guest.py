@@ -18,7 +18,7 @@ import pytest
 
 from harness.drivers.base import Target
 from harness.guest_suites import run_inner_suite, tail, target_python
-from harness.plugin import RunningTarget
+from harness.running_target import RunningTarget
 
 pytestmark = pytest.mark.suite("in-guest")
 

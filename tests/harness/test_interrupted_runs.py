@@ -49,7 +49,7 @@ from harness.drivers.base import (
 )
 from harness.drivers.local import ENV_RUN, LocalDriver
 from harness.lifecycle import TargetLifecycle
-from harness.plugin import LIVE_DIR
+from harness.runs import LIVE_DIR
 
 REPO = Path(__file__).resolve().parents[2]
 TARGETS = "local,debian-12"

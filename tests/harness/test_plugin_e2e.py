@@ -91,7 +91,7 @@ def test_local_passes_and_a_missing_engine_is_not_run(tmp_path: Path) -> None:
 
 
 def test_suite_timings_leave_out_the_lifecycle_and_keep_the_wrappers_time() -> None:
-    from harness.plugin import suite_timings_of
+    from harness.results import suite_timings_of
     tests = [
         # The first test's setup brought the target up (7 s of its 10 s).
         {"suite": "black-box", "duration": 10.0, "harness_cpu": 0.5, "lifecycle": 7.0},

@@ -140,7 +140,7 @@ def test_workers_helper_for_the_makefile() -> None:
 
 
 def test_the_heaviest_waiting_target_starts_next(tmp_path: Path) -> None:
-    from harness.plugin import heaviest_first
+    from harness.scheduling import heaviest_first
     declared = {t.name: targets.weight(t) for t in load()}
     assert declared["local"] == 1.0 and declared["debian-vm"] > declared["debian-12"]
     waiting = ["local", "debian-12", "debian-vm", "uml-6-1"]
@@ -150,7 +150,7 @@ def test_the_heaviest_waiting_target_starts_next(tmp_path: Path) -> None:
 
 
 def test_a_test_id_names_its_target() -> None:
-    from harness.plugin import target_of_nodeid
+    from harness.scheduling import target_of_nodeid
     names = ["local", "debian-12", "debian-13", "debian-vm"]
     assert target_of_nodeid("t.py::test_x[debian-12-epoll-et]", names) == "debian-12"
     assert target_of_nodeid("t.py::test_x[debian-vm]", names) == "debian-vm"
