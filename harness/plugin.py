@@ -18,12 +18,10 @@ workers
 Workers talk to the controller through ``<run dir>/events.jsonl``
 (harness.progress) and through each test report's ``user_properties``.
 
-The contract a driver fills in ``Instance.data`` for the suites:
-``python`` (interpreter in the target that has pytest; default ``python3``),
-``tests_dir`` (the in-guest copy of tests/server), ``scratch_dir`` (a writable
-directory in the target; default ``/tmp``), ``guest_ports`` (backend -> port
-the server listens on inside the target; default ``BACKEND_PORTS``) and
-optionally ``server_pids`` (backend -> pid inside the target).
+The contract a driver fills for the suites is ``Instance.guest``, a typed
+``Guest`` record (harness.drivers.base): the interpreter that has pytest, the
+in-guest tests directory, a writable scratch directory, the servers' ports and
+pids inside the target, and why the host cannot reach it, if it cannot.
 """
 
 from __future__ import annotations
@@ -50,7 +48,15 @@ import pytest
 from harness import reasons
 from harness import targets as targets_mod
 from harness.drivers import KINDS, DriverUnavailable, UnknownKind, get_driver
-from harness.drivers.base import Driver, ExecResult, Instance, StepTimeout, Target, TargetError
+from harness.drivers.base import (
+    Driver,
+    ExecResult,
+    Instance,
+    StepTimeout,
+    Target,
+    TargetError,
+    TargetUnavailable,
+)
 from harness.lifecycle import TargetLifecycle, call_with_timeout, steps_seconds, sweep_leftovers
 from harness.progress import EventLog, ProgressView, iter_events
 
@@ -536,13 +542,7 @@ class Harness:
 
 def _is_unavailable(exc: BaseException) -> bool:
     """Whether a bring-up error means "cannot be had here" rather than "broken"."""
-    if isinstance(exc, DriverUnavailable):
-        return True
-    try:
-        from harness.images import ImageUnavailable
-    except ImportError:
-        return False
-    return isinstance(exc, ImageUnavailable)
+    return isinstance(exc, TargetUnavailable)
 
 
 def _host_facts() -> dict[str, Any]:

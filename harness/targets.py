@@ -14,8 +14,8 @@ import sys
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-from harness.drivers import KINDS
-from harness.drivers.base import BACKEND_PORTS, Target
+from harness.drivers import KINDS, DriverUnavailable, driver_class
+from harness.drivers.base import BACKEND_PORTS, Target, TargetError
 
 try:  # tomllib is 3.11+; the harness also runs on 3.9/3.10 hosts with tomli.
     import tomllib
@@ -96,20 +96,22 @@ def _parse_target(raw: Mapping[str, Any], where: str) -> Target:
         if value is not None and not isinstance(value, str):
             raise TargetsError(f"{where}: '{key}' must be a string")
         optional[key] = value
-    if kind == "docker" and not optional["image"]:
-        raise TargetsError(f"{where}: a docker target needs 'image'")
-    if kind == "vagrant" and not optional["box"]:
-        raise TargetsError(f"{where}: a vagrant target needs 'box'")
-
     weight_raw = raw.get("weight", 1)
     if isinstance(weight_raw, bool) or not isinstance(weight_raw, (int, float)) \
             or weight_raw <= 0:
         raise TargetsError(f"{where}: 'weight' must be a positive number")
 
     options = {k: v for k, v in raw.items() if k not in _COMMON_KEYS}
-    return Target(name=name, kind=kind, os_family=os_family, backends=backends,
-                  image=optional["image"], box=optional["box"], python=optional["python"],
-                  description=optional["description"] or "", options=options)
+    target = Target(name=name, kind=kind, os_family=os_family, backends=backends,
+                    image=optional["image"], box=optional["box"], python=optional["python"],
+                    description=optional["description"] or "", options=options)
+    try:  # the keys its kind takes (Driver.validate): a misspelt table is one line
+        driver_class(kind).validate(target)
+    except DriverUnavailable:
+        pass  # not checked: the target is "not run: driver not available: ..."
+    except TargetError as exc:
+        raise TargetsError(f"{where.split(':')[0]}: {exc}") from None
+    return target
 
 
 def load(path: Path = DEFAULT_PATH) -> list[Target]:
