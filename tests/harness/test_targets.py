@@ -258,3 +258,14 @@ def test_the_helper_and_the_plugin_show_a_misspelt_table_as_one_line(tmp_path: P
     assert "Traceback" not in plugin.stderr + plugin.stdout
     errors = [line for line in plugin.stderr.splitlines() if "'ofline'" in line]
     assert len(errors) == 1, plugin.stderr
+
+
+def test_every_unavailable_error_is_one_target_unavailable() -> None:
+    from harness import drivers
+    from harness.drivers.base import TargetError, TargetUnavailable
+    from harness.plugin import _is_unavailable
+    assert issubclass(drivers.DriverUnavailable, TargetUnavailable)
+    assert issubclass(TargetUnavailable, TargetError)
+    assert _is_unavailable(TargetUnavailable("no image: x"))
+    assert _is_unavailable(drivers.DriverUnavailable("driver not available: x"))
+    assert not _is_unavailable(TargetError("start: broken"))
