@@ -96,22 +96,16 @@ def _parse_target(raw: Mapping[str, Any], where: str) -> Target:
         if value is not None and not isinstance(value, str):
             raise TargetsError(f"{where}: '{key}' must be a string")
         optional[key] = value
+
     weight_raw = raw.get("weight", 1)
     if isinstance(weight_raw, bool) or not isinstance(weight_raw, (int, float)) \
             or weight_raw <= 0:
         raise TargetsError(f"{where}: 'weight' must be a positive number")
 
     options = {k: v for k, v in raw.items() if k not in _COMMON_KEYS}
-    target = Target(name=name, kind=kind, os_family=os_family, backends=backends,
-                    image=optional["image"], box=optional["box"], python=optional["python"],
-                    description=optional["description"] or "", options=options)
-    try:  # the keys its kind takes (Driver.validate): a misspelt table is one line
-        driver_class(kind).validate(target)
-    except DriverUnavailable:
-        pass  # not checked: the target is "not run: driver not available: ..."
-    except TargetError as exc:
-        raise TargetsError(f"{where.split(':')[0]}: {exc}") from None
-    return target
+    return Target(name=name, kind=kind, os_family=os_family, backends=backends,
+                  image=optional["image"], box=optional["box"], python=optional["python"],
+                  description=optional["description"] or "", options=options)
 
 
 def load(path: Path = DEFAULT_PATH) -> list[Target]:
@@ -134,6 +128,12 @@ def load(path: Path = DEFAULT_PATH) -> list[Target]:
     seen: set[str] = set()
     for index, raw in enumerate(raw_targets):
         target = _parse_target(raw, f"{path.name}: target #{index + 1}")
+        try:  # the keys its kind takes (Driver.validate): a misspelt table is one line
+            driver_class(target.kind).validate(target)
+        except DriverUnavailable:
+            pass  # not checked: the target is "not run: driver not available: ..."
+        except TargetError as exc:
+            raise TargetsError(f"{path.name}: {exc}") from None
         if target.name in seen:
             raise TargetsError(f"{path.name}: target {target.name!r} is declared twice")
         seen.add(target.name)
