@@ -54,7 +54,7 @@ def suite_cpu(stderr: str) -> dict[str, float] | None:
 
 def target_python(rt: RunningTarget) -> str:
     """The interpreter inside the target that has iomux and pytest."""
-    return str(rt.instance.data.get("python", "python3"))
+    return rt.instance.guest.python
 
 
 def tail(text: str, lines: int = 15) -> str:
@@ -90,8 +90,7 @@ def run_inner_suite(running_target: RunningTarget, request: pytest.FixtureReques
                     tmp_path: Path, suite: str, tests_dir: str,
                     env: dict[str, str] | None = None) -> None:
     """Run pytest on ``tests_dir`` inside the target; report each inner test under ``suite``."""
-    data = running_target.instance.data
-    scratch = str(data.get("scratch_dir", "/tmp"))
+    scratch = running_target.instance.guest.scratch_dir
     inner_xml = f"{scratch}/iomux-{suite}.xml"
     python = target_python(running_target)
     argv = [python, "-c", _MEASURE, "-p", "no:cacheprovider", "-q",

@@ -56,6 +56,7 @@ from harness.drivers.base import (
     StepTimeout,
     Target,
     TargetError,
+    TargetUnavailable,
     call_with_timeout,
     exclusive_lock,
     one_line,
@@ -89,10 +90,6 @@ PULL_FAILURE_TTL = 3600.0
 #: A target image replaced by a newer build is removed once it is this old.
 SUPERSEDED_AFTER_S = 900.0
 _SKIP_NAMES = {"__pycache__", ".pytest_cache", ".mypy_cache", ".ruff_cache"}
-
-
-class ImageUnavailable(TargetError):
-    """No base image can be had for a target here (no registry, no offline recipe)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -347,7 +344,8 @@ class ImageBuilder:
                 return BaseImage(target.image, image.id, "registry", time.monotonic() - started)
             error = pulled
         if mode == "registry" or recipe is None:
-            raise ImageUnavailable(reasons.no_image(target.image, error, None))
+            # No base image can be had here (no registry, no offline recipe).
+            raise TargetUnavailable(reasons.no_image(target.image, error, None))
         self.log(f"{target.name}: the engine cannot pull ({error}); "
                  f"building the base from the Debian archive")
         tag = recipe_tag(recipe)
@@ -362,7 +360,7 @@ class ImageBuilder:
         """Build a Debian root filesystem with debootstrap and import it as ``tag``."""
         missing = debootstrap_missing()
         if missing:
-            raise ImageUnavailable(reasons.Reason(
+            raise TargetUnavailable(reasons.Reason(
                 f"no image: debian {recipe['suite']} not built, {missing}"))
         mirror = str(recipe.get("mirror") or debian_mirror())
         work = Path(tempfile.mkdtemp(prefix="iomux-debootstrap-"))
@@ -743,7 +741,7 @@ def main(argv: list[str] | None = None) -> int:
     for target in targets:
         try:
             result = builder.build_target(target, args.timeout)
-        except ImageUnavailable as exc:
+        except TargetUnavailable as exc:
             # asked for by name, a target without an image is an error; in "every
             # docker target" it is what make test-all-os reports as not run
             print(f"{target.name}: not built: {exc}", file=sys.stderr)

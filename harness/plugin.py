@@ -21,9 +21,13 @@ Workers talk to the controller through ``<run dir>/events.jsonl``
 This module holds the hooks, the options, the fixtures and the thin ``Harness``
 that ties them together; the work is one level down: harness.runs (run ids,
 reports/<run-id>/, the engine checks, the live-run locks and the sweep),
-harness.running_target (the target the suites see, and the ``Instance.data``
-contract), harness.results (test reports folded into results.json) and
+harness.running_target (the target the suites see), harness.results (test reports folded into results.json) and
 harness.scheduling (which worker tests which target, under xdist).
+
+The contract a driver fills for the suites is ``Instance.guest``, a typed
+``Guest`` record (harness.drivers.base): the interpreter that has pytest, the
+in-guest tests directory, a writable scratch directory, the servers' ports and
+pids inside the target, and why the host cannot reach it, if it cannot.
 """
 
 from __future__ import annotations

@@ -22,8 +22,7 @@ from typing import Any, Mapping, Sequence
 import pytest
 
 from harness import reasons
-from harness.drivers import DriverUnavailable
-from harness.drivers.base import Target
+from harness.drivers.base import Target, TargetUnavailable
 from harness.lifecycle import steps_seconds
 from harness.progress import iter_events
 
@@ -286,13 +285,7 @@ class ResultsBuilder:
 
 def is_unavailable(exc: BaseException) -> bool:
     """Whether a bring-up error means "cannot be had here" rather than "broken"."""
-    if isinstance(exc, DriverUnavailable):
-        return True
-    try:
-        from harness.images import ImageUnavailable
-    except ImportError:
-        return False
-    return isinstance(exc, ImageUnavailable)
+    return isinstance(exc, TargetUnavailable)
 
 
 def host_facts() -> dict[str, Any]:

@@ -5,12 +5,9 @@ targets.toml entry, its driver and its ``Instance``, and the few things a suite
 does with them (run a command inside, reach a backend's echo server, copy a file
 out, record a value for results.json).
 
-The contract a driver fills in ``Instance.data`` for the suites:
-``python`` (interpreter in the target that has pytest; default ``python3``),
-``tests_dir`` (the in-guest copy of tests/server), ``scratch_dir`` (a writable
-directory in the target; default ``/tmp``), ``guest_ports`` (backend -> port
-the server listens on inside the target; default ``BACKEND_PORTS``) and
-optionally ``server_pids`` (backend -> pid inside the target).
+What a suite reads of the target is ``instance.guest``, the typed ``Guest``
+record a driver fills (harness.drivers.base); ``instance.data`` is the driver's
+own state.
 """
 
 from __future__ import annotations

@@ -14,8 +14,8 @@ import sys
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-from harness.drivers import KINDS
-from harness.drivers.base import BACKEND_PORTS, Target
+from harness.drivers import KINDS, DriverUnavailable, driver_class
+from harness.drivers.base import BACKEND_PORTS, Target, TargetError
 
 try:  # tomllib is 3.11+; the harness also runs on 3.9/3.10 hosts with tomli.
     import tomllib
@@ -96,10 +96,6 @@ def _parse_target(raw: Mapping[str, Any], where: str) -> Target:
         if value is not None and not isinstance(value, str):
             raise TargetsError(f"{where}: '{key}' must be a string")
         optional[key] = value
-    if kind == "docker" and not optional["image"]:
-        raise TargetsError(f"{where}: a docker target needs 'image'")
-    if kind == "vagrant" and not optional["box"]:
-        raise TargetsError(f"{where}: a vagrant target needs 'box'")
 
     weight_raw = raw.get("weight", 1)
     if isinstance(weight_raw, bool) or not isinstance(weight_raw, (int, float)) \
@@ -132,6 +128,12 @@ def load(path: Path = DEFAULT_PATH) -> list[Target]:
     seen: set[str] = set()
     for index, raw in enumerate(raw_targets):
         target = _parse_target(raw, f"{path.name}: target #{index + 1}")
+        try:  # the keys its kind takes (Driver.validate): a misspelt table is one line
+            driver_class(target.kind).validate(target)
+        except DriverUnavailable:
+            pass  # not checked: the target is "not run: driver not available: ..."
+        except TargetError as exc:
+            raise TargetsError(f"{path.name}: {exc}") from None
         if target.name in seen:
             raise TargetsError(f"{path.name}: target {target.name!r} is declared twice")
         seen.add(target.name)

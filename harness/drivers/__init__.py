@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 from typing import Dict
 
-from harness.drivers.base import Driver
+from harness.drivers.base import Driver, TargetUnavailable
 
 #: kind -> module; the module holds one Driver subclass whose ``kind`` is that name.
 KINDS: Dict[str, str] = {
@@ -29,7 +29,7 @@ class UnknownKind(ValueError):
     """A kind name that is not in the registry; the message lists the known ones."""
 
 
-class DriverUnavailable(Exception):
+class DriverUnavailable(TargetUnavailable):
     """The kind's module cannot be imported here; the message is one line."""
 
 

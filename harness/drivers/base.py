@@ -13,6 +13,12 @@ so that each import arrow points down, to this module: the watchdog
 lock (``exclusive_lock``), whether a resource's owner still runs
 (``owner_label``/``owner_alive``), and the ``iomux serve`` command line
 (``serve_argv``).
+
+What a driver tells the suites about a running target is the typed ``Guest``
+record (``Instance.guest``); what it keeps for itself stays in ``Instance.data``.
+``Driver.validate`` checks a targets.toml entry against the keys its kind
+declares, and ``TargetUnavailable`` is the one error of a target that cannot be
+had here (reported "not run", never failed).
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from __future__ import annotations
 import abc
 import contextlib
 import dataclasses
+import difflib
 import fcntl
 import os
 import socket
@@ -60,6 +67,11 @@ class TargetError(Exception):
     """A target could not be brought up or used; the message is one line."""
 
 
+class TargetUnavailable(TargetError):
+    """The target cannot be had here (no base image, no box, no kernel binary, no
+    driver): the run reports it "not run: <message>" rather than failed."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Target:
     """One entry of targets.toml."""
@@ -86,6 +98,42 @@ class ExecResult:
 
 
 @dataclasses.dataclass
+class Guest:
+    """What the suites (tests/cross_os, harness/guest_suites.py) read of a running
+    target; its driver fills it in ``start`` and ``wait_healthy``.
+
+    Paths are the guest's own (inside the container or VM; on this machine for the
+    local kind)."""
+
+    #: The interpreter inside the target that has iomux and pytest (the in-guest
+    #: suites run on it, and the host suite's probes).
+    python: str = "python3"
+    #: The in-guest copy of tests/server (tests/faults is beside it); None: the
+    #: driver offers no in-guest suites.
+    tests_dir: str | None = None
+    #: A directory inside the target the suites may write to (JUnit files).
+    scratch_dir: str = "/tmp"
+    #: The directory commands are run from, where the target's iomux is the working
+    #: tree's (the local kind: the repository); None: the guest's default.
+    cwd: str | None = None
+    #: backend -> the port its server listens on inside the target; empty: the
+    #: suites take ``BACKEND_PORTS`` of the backends they started.
+    guest_ports: dict[str, int] = dataclasses.field(default_factory=dict)
+    #: backend -> the pid of its server inside the target; empty: not known, and the
+    #: host suite counts every ``iomux serve`` it finds as the target's.
+    server_pids: dict[str, int] = dataclasses.field(default_factory=dict)
+    #: Why nothing in the target is reachable from this host (gvisor, uml): the
+    #: black-box and host suites are then "not run: <unreachable>"; None: reachable.
+    unreachable: str | None = None
+    #: IOMUX_TEST_SCALE of the in-guest fault suite (smaller sizes, waits stretched
+    #: by the inverse) on a slow guest; None: the suite's full sizes.
+    test_scale: float | None = None
+    #: The kernel version the claims are judged by where ``uname`` does not tell it;
+    #: None: the target's ``kernel_version`` option, its kernel build, or uname.
+    kernel_version: str | None = None
+
+
+@dataclasses.dataclass
 class Instance:
     """A running target: what a driver needs to reach it again."""
 
@@ -94,13 +142,51 @@ class Instance:
     resource_name: str
     #: backend name -> (host, port) on this machine, always 127.0.0.1
     echo_ports: dict[str, tuple[str, int]] = dataclasses.field(default_factory=dict)
+    #: What the suites read (python, tests dir, ports, ...): see Guest.
+    guest: Guest = dataclasses.field(default_factory=Guest)
+    #: The driver's private state (its container id, run directory, ssh config):
+    #: for the driver alone, and its own tests; the suites read ``guest``.
     data: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+#: Keys of a targets.toml entry that every kind takes (harness/targets.py reads the
+#: first six itself; ``weight`` is the scheduler's, ``timeouts`` the lifecycle's,
+#: ``kernel`` and ``kernel_version`` the claims suite's).
+COMMON_KEYS = frozenset({"name", "kind", "os_family", "backends", "python", "description",
+                         "weight", "timeouts", "kernel", "kernel_version"})
 
 
 class Driver(abc.ABC):
     """Bring one kind of target up and down, and run commands inside it."""
 
     kind: ClassVar[str]
+    #: Keys of its targets.toml entry a target of this kind must have (``image``,
+    #: ``box`` and any table the driver cannot do without).
+    options_required: ClassVar[frozenset[str]] = frozenset()
+    #: Keys it may have beyond those and ``COMMON_KEYS``; any other is a mistake.
+    options_allowed: ClassVar[frozenset[str]] = frozenset()
+
+    @classmethod
+    def validate(cls, target: Target) -> None:
+        """Check ``target``'s keys against the kind's: a missing required key or an
+        unknown one (a misspelt ``[target.ofline]`` table, say) raises TargetError,
+        one line naming the target, the key, and the keys the kind takes."""
+        keys = set(target.options) | {k for k in ("image", "box") if getattr(target, k)}
+        where = f"target {target.name!r}"
+        missing = sorted(cls.options_required - keys)
+        if missing:
+            raise TargetError(f"{where}: a {cls.kind} target needs "
+                              + ", ".join(repr(k) for k in missing))
+        allowed = COMMON_KEYS | cls.options_required | cls.options_allowed
+        unknown = sorted(keys - allowed)
+        if unknown:
+            named = []
+            for key in unknown:
+                close = difflib.get_close_matches(key, sorted(allowed), n=1)
+                named.append(f"{key!r} (did you mean {close[0]!r}?)" if close else repr(key))
+            raise TargetError(f"{where}: unknown key{'s' if len(named) > 1 else ''} "
+                              f"{', '.join(named)}; a {cls.kind} target takes: "
+                              f"{', '.join(sorted(allowed))}")
 
     @abc.abstractmethod
     def unavailable_reason(self) -> str | None:

@@ -43,6 +43,7 @@ from harness.drivers.base import (
     PROJECT,
     Driver,
     ExecResult,
+    Guest,
     Instance,
     StepTimeout,
     Target,
@@ -121,6 +122,10 @@ class DockerDriver(Driver):
     """Linux container targets on a Docker engine."""
 
     kind: ClassVar[str] = "docker"
+    #: ``image``: the registry base image; ``offline``: its debootstrap recipe
+    #: (harness/images.py); ``docker_host``: the engine, if not the default one.
+    options_required: ClassVar[frozenset[str]] = frozenset({"image"})
+    options_allowed: ClassVar[frozenset[str]] = frozenset({"offline", "docker_host"})
 
     def __init__(self, log: Any = None) -> None:
         self._clients: dict[str, Any] = {}
@@ -222,7 +227,7 @@ class DockerDriver(Driver):
         """Build (or find cached) ``iomux/<target>:<content hash>``."""
         try:
             result: BuildResult = self.builder(target).build_target(target, timeout)
-        except (StepTimeout, TargetError):  # ImageUnavailable included: already one line
+        except (StepTimeout, TargetError):  # TargetUnavailable included: already one line
             raise
         except Exception as exc:  # an SDK or engine error: one line for the report
             raise TargetError(f"build: {target.name}: {one_line(exc)}") from exc
@@ -243,10 +248,10 @@ class DockerDriver(Driver):
         # What the cross-OS suites read (tests/cross_os): where the in-guest suite
         # and its interpreter are, a writable directory, and per backend the
         # port and pid of its server inside the container (filled by wait_healthy).
-        instance = Instance(target=target, run_id=run_id, resource_name=name, data={
-            "network": name, "backends": backends, "python": GUEST_PYTHON,
-            "tests_dir": GUEST_TESTS, "scratch_dir": "/tmp", "guest_ports": {},
-            "server_pids": {}})
+        instance = Instance(target=target, run_id=run_id, resource_name=name,
+                            guest=Guest(python=GUEST_PYTHON, tests_dir=GUEST_TESTS,
+                                        scratch_dir="/tmp"),
+                            data={"network": name, "backends": backends})
         deadline = time.monotonic() + timeout
         try:
             client.networks.create(name, driver="bridge", labels=labels, check_duplicate=True)
@@ -332,8 +337,8 @@ class DockerDriver(Driver):
             info = json.loads(probe.stdout)
         except ValueError:
             return False  # written atomically, so only a foreign file could be torn
-        instance.data["guest_ports"][backend] = port
-        instance.data["server_pids"][backend] = int(info.get("pid", 0))
+        instance.guest.guest_ports[backend] = port
+        instance.guest.server_pids[backend] = int(info.get("pid", 0))
         return True
 
     def _wait_health_status(self, instance: Instance, deadline: float, timeout: float) -> None:
@@ -510,7 +515,7 @@ class DockerDriver(Driver):
         inspect_path.write_text(json.dumps(container.attrs, indent=2, sort_keys=True))
         saved = [log_path, inspect_path]
         # The per-backend servers started with exec (start_backend_server) log to /tmp.
-        python = str(instance.data.get("python", "python3"))
+        python = instance.guest.python
         with contextlib.suppress(TargetError, StepTimeout):
             found = self.exec(instance, [python, "-c", "import glob; print('\\n'.join(sorted("
                                          f"glob.glob({_serve_log('*')!r}))))"], 30)

@@ -90,6 +90,9 @@ class GVisorDriver(kernels.KernelDriver):
     noun: ClassVar[str] = "gvisor sandbox"
     console: ClassVar[str] = "init.log"
     logs: ClassVar[tuple[str, ...]] = ("runsc.log", "init.log", "bundle/config.json")
+    #: ``runsc_flags``: runsc's global flags beyond --root and --network=none.
+    options_allowed: ClassVar[frozenset[str]] = (kernels.KernelDriver.options_allowed
+                                                 | {"runsc_flags"})
 
     # -- the engine
     def unavailable_reason(self) -> str | None:

@@ -50,10 +50,12 @@ from harness.drivers.base import (
     PROJECT,
     Driver,
     ExecResult,
+    Guest,
     Instance,
     StepTimeout,
     Target,
     TargetError,
+    TargetUnavailable,
     owner_alive,
     owner_label,
 )
@@ -393,7 +395,7 @@ class KernelDriver(Driver):
     A subclass says how a guest boots (``start``), runs a command (``exec``) and
     stops (``_stop``), and names what marks its host processes (``_marker``)."""
 
-    #: Why nothing in the guest is reachable from the host (``instance.data["unreachable"]``).
+    #: Why nothing in the guest is reachable from the host (``Guest.unreachable``).
     unreachable: ClassVar[str]
     #: What one instance is called in the sweep's log ("gvisor sandbox").
     noun: ClassVar[str]
@@ -403,6 +405,10 @@ class KernelDriver(Driver):
     logs: ClassVar[tuple[str, ...]]
     #: Seconds between reads of the servers' ready files.
     ready_poll_s: ClassVar[float] = 0.5
+    #: ``kernel_build``: the pinned kernel binary; ``userland``: the docker target
+    #: whose image is the guest's tree; ``test_scale``: the fault suite's scale.
+    options_required: ClassVar[frozenset[str]] = frozenset({"kernel_build"})
+    options_allowed: ClassVar[frozenset[str]] = frozenset({"userland", "test_scale"})
 
     def __init__(self) -> None:
         self._rootfs: dict[str, Path] = {}
@@ -444,7 +450,7 @@ class KernelDriver(Driver):
         binary = kernel_binary(target)
         reason = binary.missing_reason()
         if reason:
-            raise TargetError(f"build: {reason}")
+            raise TargetUnavailable(f"build: {reason}")
         rootfs, facts = ensure_rootfs(target, timeout)
         self._prepare_rootfs(rootfs)
         self._rootfs[target.name] = rootfs
@@ -461,10 +467,11 @@ class KernelDriver(Driver):
         home = new_instance_dir(self.kind, name, run_id, rootfs)
         backends = ["auto", *(b for b in target.backends if b in BACKEND_PORTS)]
         # What the cross-OS suites read (tests/cross_os), as the docker kind gives it.
-        instance = Instance(target=target, run_id=run_id, resource_name=name, data={
-            "home": str(home), "python": GUEST_PYTHON, "tests_dir": GUEST_TESTS, "scratch_dir": "/tmp",
-            "backends": backends, "guest_ports": {}, "server_pids": {},
-            "unreachable": self.unreachable, "test_scale": target.options.get("test_scale")})
+        instance = Instance(target=target, run_id=run_id, resource_name=name,
+                            guest=Guest(python=GUEST_PYTHON, tests_dir=GUEST_TESTS,
+                                        scratch_dir="/tmp", unreachable=self.unreachable,
+                                        test_scale=target.options.get("test_scale")),
+                            data={"home": str(home), "backends": backends})
         return instance, rootfs
 
     def wait_healthy(self, instance: Instance, timeout: float) -> None:
@@ -478,8 +485,8 @@ class KernelDriver(Driver):
                 ready = self.exec(instance, ["cat", ready_file(backend)], 30)
                 if ready.rc == 0 and ready.stdout.strip():
                     info = json.loads(ready.stdout)
-                    instance.data["guest_ports"][backend] = BACKEND_PORTS[backend]
-                    instance.data["server_pids"][backend] = int(info.get("pid", 0))
+                    instance.guest.guest_ports[backend] = BACKEND_PORTS[backend]
+                    instance.guest.server_pids[backend] = int(info.get("pid", 0))
                     pending.remove(backend)
             if pending and time.monotonic() > deadline:
                 tail = log_tail(Path(instance.data["home"]) / self.console)
@@ -487,7 +494,7 @@ class KernelDriver(Driver):
                                   f"{', '.join(pending)} ({tail})")
             if pending:
                 time.sleep(self.ready_poll_s)
-        for backend, port in instance.data["guest_ports"].items():
+        for backend, port in instance.guest.guest_ports.items():
             check = self.exec(instance, ["iomux", "check", f"127.0.0.1:{port}", "--timeout", "5"],
                               max(10.0, deadline - time.monotonic()))
             if check.rc != 0:

@@ -36,6 +36,7 @@ from harness.drivers.base import (
     PROJECT,
     Driver,
     ExecResult,
+    Guest,
     Instance,
     StepTimeout,
     Target,
@@ -174,15 +175,15 @@ class LocalDriver(Driver):
         if user is not None:
             entry = pwd.getpwnam(user)
             os.chown(scratch, entry.pw_uid, entry.pw_gid)  # the servers write ready files here
-        instance = Instance(target=target, run_id=run_id, resource_name=name, data={
-            "tests_dir": str(REPO / "tests" / "server"),
-            "python": sys.executable,  # the in-guest suite needs pytest: the harness's own
+        instance = Instance(target=target, run_id=run_id, resource_name=name, guest=Guest(
+            tests_dir=str(REPO / "tests" / "server"),
+            python=sys.executable,  # the in-guest suite needs pytest: the harness's own
+            scratch_dir=str(scratch),
+            cwd=str(REPO),
+        ), data={
             "server_python": python,
             "server_user": user,
-            "scratch_dir": str(scratch),
-            "cwd": str(REPO),
-            "guest_ports": {},
-            "server_pids": {},
+            "scratch": str(scratch),  # what destroy removes
         })
         procs: dict[str, subprocess.Popen[bytes]] = {}
         logs: list[IO[bytes]] = []
@@ -209,7 +210,7 @@ class LocalDriver(Driver):
     def wait_healthy(self, instance: Instance, timeout: float) -> None:
         """Wait for every ready file, then for one echo round trip per backend."""
         procs = self._procs.get(instance.resource_name, {})
-        scratch = Path(instance.data["scratch_dir"])
+        scratch = Path(instance.guest.scratch_dir)
         deadline = time.monotonic() + timeout
         pending = dict(procs)
         while pending:
@@ -218,8 +219,8 @@ class LocalDriver(Driver):
                 if ready.exists():
                     info = json.loads(ready.read_text())
                     instance.echo_ports[backend] = ("127.0.0.1", int(info["port"]))
-                    instance.data["guest_ports"][backend] = int(info["port"])
-                    instance.data["server_pids"][backend] = int(info["pid"])
+                    instance.guest.guest_ports[backend] = int(info["port"])
+                    instance.guest.server_pids[backend] = int(info["pid"])
                     del pending[backend]
                 elif proc.poll() is not None:
                     why = _last_line(scratch / f"{backend}.log") or f"exit {proc.returncode}"
@@ -253,7 +254,7 @@ class LocalDriver(Driver):
         # The harness's own pytest/xdist variables would leak into an inner pytest.
         env = {k: v for k, v in os.environ.items()
                if not k.startswith(("PYTEST_XDIST_", "PYTEST_CURRENT_TEST"))}
-        return run_argv(argv, timeout, step=f"exec {argv[0]}", cwd=Path(instance.data["cwd"]),
+        return run_argv(argv, timeout, step=f"exec {argv[0]}", cwd=Path(instance.guest.cwd or REPO),
                         env=env)
 
     def testinfra_spec(self, instance: Instance) -> tuple[str, dict[str, Any]]:
@@ -274,7 +275,7 @@ class LocalDriver(Driver):
         """Copy each server's output."""
         dest.mkdir(parents=True, exist_ok=True)
         saved = []
-        for log in sorted(Path(instance.data["scratch_dir"]).glob("*.log")):
+        for log in sorted(Path(instance.guest.scratch_dir).glob("*.log")):
             saved.append(Path(shutil.copy(log, dest / log.name)))
         return saved
 
@@ -296,6 +297,6 @@ class LocalDriver(Driver):
                 proc.wait()
         for log in self._logs.pop(instance.resource_name, []):
             log.close()
-        scratch = instance.data.get("scratch_dir")
+        scratch = instance.data.get("scratch")
         if scratch:
             shutil.rmtree(scratch, ignore_errors=True)

@@ -134,6 +134,8 @@ class UMLDriver(kernels.KernelDriver):
     console: ClassVar[str] = "console.log"
     logs: ClassVar[tuple[str, ...]] = ("console.log",)
     ready_poll_s: ClassVar[float] = 0.3
+    #: ``mem``: the guest's memory (``mem=`` on the kernel's command line).
+    options_allowed: ClassVar[frozenset[str]] = kernels.KernelDriver.options_allowed | {"mem"}
 
     def __init__(self) -> None:
         super().__init__()

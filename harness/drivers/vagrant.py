@@ -51,10 +51,12 @@ from harness.drivers.base import (
     PROJECT,
     Driver,
     ExecResult,
+    Guest,
     Instance,
     StepTimeout,
     Target,
     TargetError,
+    TargetUnavailable,
     exclusive_lock,
     pid_alive,
     run_argv,
@@ -184,6 +186,10 @@ class VagrantDriver(Driver):
     """VMs through vagrant: libvirt here (QEMU emulation), VirtualBox or libvirt elsewhere."""
 
     kind: ClassVar[str] = "vagrant"
+    #: ``box``: the Vagrant box; ``freebsd``: the FreeBSD image its box is built
+    #: from (FreeBSDImage); ``test_scale``: the fault suite's scale (default 0.25).
+    options_required: ClassVar[frozenset[str]] = frozenset({"box"})
+    options_allowed: ClassVar[frozenset[str]] = frozenset({"freebsd", "test_scale"})
 
     def __init__(self) -> None:
         self._box_list: str | None = None
@@ -320,7 +326,7 @@ class VagrantDriver(Driver):
                 if self.box_installed(box):
                     return {"cached": True, "seconds": 0.0, "box": box,
                             "image": "absent; the installed box is used as it is"}
-                raise TargetError(f"{target.name}: {image.missing_reason()}")
+                raise TargetUnavailable(f"{target.name}: {image.missing_reason()}")
             env = self._freebsd_env(target, image)
             check = run_argv([str(FREEBSD_BOX_BUILD), image.version, "--check"], 120,
                              f"{target.name}: box check", env=env)
@@ -377,17 +383,16 @@ class VagrantDriver(Driver):
         (run_dir / "owner.json").write_text(json.dumps(owner, indent=1))
         return Instance(target=target, run_id=run_id, resource_name=f"{DOMAIN_PREFIX}{tag}-{target.name}",
                         echo_ports={b: ("127.0.0.1", host_ports[b]) for b in backends},
-                        data={"dir": str(run_dir), "env": env, "machine": target.name,
-                              # What the cross-OS suites look for (tests/cross_os):
-                              # the rsync'd tree and the interpreter that has iomux.
-                              "tests_dir": f"{GUEST_TREE}/tests/server",
-                              "scratch_dir": "/tmp",
-                              "python": "python3",
-                              # Python under QEMU emulation runs ~10x slower:
-                              # the fault suite runs at a quarter of its sizes,
-                              # or at the target's test_scale (targets.toml).
-                              "test_scale": float(target.options.get("test_scale", 0.25)),
-                              "guest_ports": guest_ports})
+                        # What the cross-OS suites look for (tests/cross_os):
+                        # the rsync'd tree and the interpreter that has iomux.
+                        guest=Guest(tests_dir=f"{GUEST_TREE}/tests/server",
+                                    scratch_dir="/tmp", python="python3",
+                                    # Python under QEMU emulation runs ~10x slower:
+                                    # the fault suite runs at a quarter of its sizes,
+                                    # or at the target's test_scale (targets.toml).
+                                    test_scale=float(target.options.get("test_scale", 0.25)),
+                                    guest_ports=guest_ports),
+                        data={"dir": str(run_dir), "env": env, "machine": target.name})
 
     def start(self, target: Target, run_id: str, worker: str, timeout: float) -> Instance:
         """``vagrant up`` (bounded retries), then an ssh_config for exec and testinfra.
@@ -411,7 +416,7 @@ class VagrantDriver(Driver):
                     instance.data["provision"] = self._provision_line(res.stdout)
                     found = re.search(r"iomux-provision: python=(\S+)", res.stdout)
                     if found:
-                        instance.data["python"] = found.group(1)
+                        instance.guest.python = found.group(1)
                     instance.data["up_seconds"] = round(time.monotonic() - began, 1)
                     self._write_ssh_config(instance)
                     return instance

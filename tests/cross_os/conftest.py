@@ -30,7 +30,7 @@ def host(running_target: RunningTarget) -> Any:
     """The pytest-testinfra host of the target (harness.plugin's ``host``), or "not
     run: <why>" for a target the host cannot reach. Session-scoped, so it is set
     up before any function-scoped fixture: the check cannot wait for one."""
-    why = running_target.instance.data.get("unreachable")
+    why = running_target.instance.guest.unreachable
     if why:
         pytest.skip(f"not run: {why}")
     import testinfra
@@ -45,13 +45,13 @@ FROM_HOST_SUITES = ("black-box", "host")
 @pytest.fixture(autouse=True)
 def _reachable_from_host(request: pytest.FixtureRequest) -> None:
     """A from-the-host suite is "not run: <why>" on a target the host cannot reach
-    (a driver says why in ``instance.data["unreachable"]``: gvisor, uml)."""
+    (a driver says why in ``instance.guest.unreachable``: gvisor, uml)."""
     marker = request.node.get_closest_marker("suite")
     if marker is None or not marker.args or marker.args[0] not in FROM_HOST_SUITES:
         return
     if "running_target" not in request.fixturenames:
         return
-    why = request.getfixturevalue("running_target").instance.data.get("unreachable")
+    why = request.getfixturevalue("running_target").instance.guest.unreachable
     if why:
         pytest.skip(f"not run: {why}")
 

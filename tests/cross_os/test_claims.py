@@ -55,7 +55,7 @@ class ProbeRun:
 
 
 def _python(rt: RunningTarget) -> str:
-    return str(rt.instance.data.get("python", "python3"))
+    return rt.instance.guest.python
 
 
 def _tail(text: str) -> str:
@@ -107,11 +107,10 @@ def kernel_version(rt: RunningTarget, kernel: str, document: Dict[str, Any]) -> 
 
     Linux: the release the probe run saw (uname -r). gVisor reports a fixed
     uname, so its version (the runsc release, "0.0~20221219.0-2+b3") comes
-    from the harness: ``kernel_version`` in the instance data or the target's
+    from the harness: ``kernel_version`` of the instance's Guest or the target's
     options, else ``[target.kernel_build] version``; None where none says.
     """
-    for source in (rt.instance.data, rt.target.options):
-        value = source.get("kernel_version")
+    for value in (rt.instance.guest.kernel_version, rt.target.options.get("kernel_version")):
         if isinstance(value, str) and value:
             return value
     if kernel == "gvisor":

@@ -2,7 +2,7 @@
 
 The fault suite sits beside the behaviour suite in every target (it imports
 the behaviour suite's server helper from ``../server``), so its directory is
-found next to ``instance.data["tests_dir"]``. A fault that cannot be injected
+found next to ``instance.guest.tests_dir``. A fault that cannot be injected
 on a kind of target (no root for a network namespace in a hardened container,
 no sch_netem, no dummynet) is skipped inside with its reason, and shows in the
 report as skipped, never as passed.
@@ -24,12 +24,12 @@ pytestmark = pytest.mark.suite("faults")
 def test_fault_suite(running_target: RunningTarget, request: pytest.FixtureRequest,
                      tmp_path: Path) -> None:
     """tests/faults inside the target; each inner test is reported on its own."""
-    data = running_target.instance.data
-    tests_dir = data.get("tests_dir")
-    assert tests_dir, "the driver did not say where the in-guest tests are (data['tests_dir'])"
+    guest = running_target.instance.guest
+    tests_dir = guest.tests_dir
+    assert tests_dir, "the driver did not say where the in-guest tests are (guest.tests_dir)"
     faults_dir = posixpath.join(posixpath.dirname(str(tests_dir).rstrip("/")), "faults")
     # Under emulation Python runs about 10x slower: the driver may ask for
     # smaller sizes (IOMUX_TEST_SCALE), which the suite's sizes and timeouts follow.
-    scale = data.get("test_scale")
+    scale = guest.test_scale
     env = {"IOMUX_TEST_SCALE": str(scale)} if scale else None
     run_inner_suite(running_target, request, tmp_path, "faults", faults_dir, env)

@@ -37,14 +37,14 @@ print(json.dumps(found))
 
 
 def _python(rt: RunningTarget) -> str:
-    return str(rt.instance.data.get("python", "python3"))
+    return rt.instance.guest.python
 
 
 def _guest_ports(rt: RunningTarget) -> dict[str, int]:
     # Make sure every backend's server is up (a driver may start them on demand).
     for backend in rt.target.backends:
         rt.echo_address(backend)
-    declared = rt.instance.data.get("guest_ports")
+    declared = rt.instance.guest.guest_ports
     if declared:
         return {str(k): int(v) for k, v in declared.items()}
     return {b: BACKEND_PORTS[b] for b in rt.started_backends if b in BACKEND_PORTS}
@@ -61,7 +61,7 @@ def _servers(host: Any, rt: RunningTarget, target: Target) -> list[dict[str, Any
             if "iomux" in command and " serve" in command:
                 found.append({"pid": int(pid), "uid": int(uid), "euid": int(uid),
                               "argv": command.split()})
-    pids = rt.instance.data.get("server_pids")
+    pids = rt.instance.guest.server_pids
     if pids:
         # On a shared host other iomux servers may be running: only ours count.
         ours = {int(p) for p in pids.values()}
@@ -72,7 +72,7 @@ def _servers(host: Any, rt: RunningTarget, target: Target) -> list[dict[str, Any
 def test_installed_version_is_the_working_tree(host: Any, running_target: RunningTarget) -> None:
     """The iomux the target runs is the version of this working tree."""
     code = "import iomux, sys; sys.stdout.write(iomux.__version__)"
-    cwd = running_target.instance.data.get("cwd")
+    cwd = running_target.instance.guest.cwd
     if cwd:
         out = host.check_output("cd %s && %s -c %s", cwd, _python(running_target), code)
     else:

@@ -3,7 +3,7 @@
 Inside the target the tests run on its kernel and in its network namespace, so
 this is where kernel behaviour (half-close, refused connects, ET wake-ups) is
 judged; the black-box suite only sees it through the engine's port forwarding.
-The driver says where things are: ``instance.data["tests_dir"]`` is the target's
+The driver says where things are: ``instance.guest.tests_dir`` is the target's
 copy of tests/server (baked into container images at /opt/iomux/tests/server;
 the working tree's tests/server for ``local``), ``python`` the interpreter that
 has pytest, ``scratch_dir`` a writable directory.
@@ -45,6 +45,6 @@ def test_probe(running_target: RunningTarget, target: Target) -> None:
 def test_behaviour_suite(running_target: RunningTarget, request: pytest.FixtureRequest,
                          tmp_path: Path) -> None:
     """tests/server inside the target; each inner test is reported on its own."""
-    tests_dir = running_target.instance.data.get("tests_dir")
-    assert tests_dir, "the driver did not say where the in-guest tests are (data['tests_dir'])"
+    tests_dir = running_target.instance.guest.tests_dir
+    assert tests_dir, "the driver did not say where the in-guest tests are (guest.tests_dir)"
     run_inner_suite(running_target, request, tmp_path, "in-guest", str(tests_dir))

@@ -108,7 +108,7 @@ class KernelDriverCases:
 
     def test_servers_answer_inside_and_copy_from(self, instance: Instance,
                                                  tmp_path: Path) -> None:
-        assert set(instance.data["guest_ports"]) == set(instance.data["backends"])
+        assert set(instance.guest.guest_ports) == set(instance.data["backends"])
         made = self.driver.exec(instance, ["sh", "-c", "head -c 3000 /dev/urandom > /tmp/blob"],
                                 30)
         assert made.rc == 0

@@ -148,8 +148,8 @@ def test_every_backend_echoes_through_its_published_port(driver: DockerDriver,
         assert address[0] == "127.0.0.1"
         payload = f"hello {backend}\n".encode() * 100
         assert _echo(address, payload) == payload, backend
-    assert set(instance.data["server_pids"]) == expected
-    assert all(pid > 1 for pid in instance.data["server_pids"].values())
+    assert set(instance.guest.server_pids) == expected
+    assert all(pid > 1 for pid in instance.guest.server_pids.values())
 
 
 def test_exec_runs_as_non_root_on_a_read_only_root(driver: DockerDriver, instance: Any) -> None:
@@ -158,10 +158,10 @@ def test_exec_runs_as_non_root_on_a_read_only_root(driver: DockerDriver, instanc
     assert driver.exec(instance, ["touch", "/iomux-probe"], timeout=30).rc != 0
     assert driver.exec(instance, ["touch", "/tmp/iomux-probe"], timeout=30).rc == 0
     # the in-guest suite's interpreter has pytest, installed offline in the image
-    pytest_version = driver.exec(instance, [instance.data["python"], "-m", "pytest",
+    pytest_version = driver.exec(instance, [instance.guest.python, "-m", "pytest",
                                             "--version"], timeout=60)
     assert pytest_version.rc == 0 and "pytest" in pytest_version.stdout + pytest_version.stderr
-    listing = driver.exec(instance, ["ls", instance.data["tests_dir"]], timeout=30)
+    listing = driver.exec(instance, ["ls", str(instance.guest.tests_dir)], timeout=30)
     assert "conftest.py" in listing.stdout.split()
 
 

@@ -23,7 +23,7 @@ from typing import Any, Iterator
 
 import pytest
 
-from harness.drivers.base import Instance, Target, TargetError
+from harness.drivers.base import Guest, Instance, Target, TargetError
 from harness.drivers.local import LocalDriver
 from harness.targets import TargetsError, load
 
@@ -120,7 +120,7 @@ def _local_instance(tmp_path: Path) -> Instance:
     target = Target(name="local", kind="local", os_family="linux", backends=("select",))
     # exec and copy_from need no running servers: only the working directory.
     return Instance(target=target, run_id=f"test-{uuid.uuid4().hex[:8]}",
-                    resource_name="iomux-test-local", data={"cwd": str(tmp_path)})
+                    resource_name="iomux-test-local", guest=Guest(cwd=str(tmp_path)))
 
 
 def test_local_exec_and_copy_from_take_a_hostile_path_as_data(tmp_path: Path,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -174,3 +175,97 @@ def test_driver_registry(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(drivers.KINDS, "ghost", "harness.drivers.base")  # no Driver of that kind
     with pytest.raises(drivers.DriverUnavailable, match="defines no Driver"):
         drivers.get_driver("ghost")
+
+
+# -- the keys each kind takes (Driver.validate) ----------------------------------------
+
+def test_every_target_of_the_repository_file_passes_its_kinds_validate() -> None:
+    from harness.drivers import driver_class
+    for declared in load():
+        driver_class(declared.kind).validate(declared)
+
+
+def test_a_misspelt_table_is_one_line_naming_the_target_key_and_allowed_ones(
+        tmp_path: Path) -> None:
+    with pytest.raises(TargetsError) as info:
+        load(write(tmp_path, GOOD.replace("[target.offline]", "[target.ofline]")))
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith("targets.toml: target 'box': unknown key 'ofline' "
+                              "(did you mean 'offline'?); a docker target takes: "), message
+    allowed = message.split("takes: ", 1)[1].split(", ")
+    assert {"offline", "docker_host", "image", "weight", "timeouts"} <= set(allowed)
+    assert allowed == sorted(allowed)
+
+
+def test_an_unknown_key_of_another_kind_is_refused(tmp_path: Path) -> None:
+    # A box is a vagrant key: on a local target it would be silently ignored.
+    with pytest.raises(TargetsError) as info:
+        load(write(tmp_path, GOOD.replace('kind = "local"', 'kind = "local"\nbox = "x"\nzzz = 1')))
+    message = str(info.value)
+    assert "target 'here': unknown keys 'box', 'zzz'; a local target takes: " in message
+    assert "did you mean" not in message and "\n" not in message
+
+
+@pytest.mark.parametrize(("kind", "extra", "needs"), [
+    ("docker", "", "'image'"),
+    ("vagrant", "", "'box'"),
+    ("gvisor", "", "'kernel_build'"),
+    ("uml", 'mem = "512M"\n', "'kernel_build'"),
+])
+def test_a_missing_required_key_is_one_line(tmp_path: Path, kind: str, extra: str,
+                                            needs: str) -> None:
+    text = (f'[[target]]\nname = "t"\nkind = "{kind}"\nos_family = "linux"\n'
+            f'backends = ["select"]\n{extra}')
+    with pytest.raises(TargetsError) as info:
+        load(write(tmp_path, text))
+    assert str(info.value) == f"targets.toml: target 't': a {kind} target needs {needs}"
+
+
+def test_each_kind_takes_the_keys_its_driver_reads() -> None:
+    from harness.drivers import driver_class
+    from harness.drivers.base import COMMON_KEYS, Target, TargetError
+    takes = {"docker": {"offline", "docker_host"}, "vagrant": {"freebsd", "test_scale"},
+             "gvisor": {"userland", "test_scale", "runsc_flags"},
+             "uml": {"userland", "test_scale", "mem"}, "local": set()}
+    for kind, keys in takes.items():
+        cls = driver_class(kind)
+        assert cls.options_allowed == keys, kind
+        other = {"runsc_flags", "mem", "offline", "freebsd"} - keys
+        for key in other:
+            target = Target(name="t", kind=kind, os_family="linux", backends=("select",),
+                            image="i", box="b", options={"kernel_build": {}, key: 1})
+            with pytest.raises(TargetError, match=f"unknown key.* '{key}'"):
+                cls.validate(target)
+    assert {"weight", "timeouts", "kernel", "description"} <= COMMON_KEYS
+
+
+def test_the_helper_and_the_plugin_show_a_misspelt_table_as_one_line(tmp_path: Path) -> None:
+    path = write(tmp_path, GOOD.replace("[target.offline]", "[target.ofline]"))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
+    helper = subprocess.run([sys.executable, "-m", "harness.targets", "--list", "--file",
+                             str(path)], cwd=REPO, capture_output=True, text=True, env=env,
+                            timeout=60, check=False)
+    assert helper.returncode == 2 and helper.stdout == ""
+    assert helper.stderr.count("\n") == 1, helper.stderr
+    assert "unknown key 'ofline' (did you mean 'offline'?)" in helper.stderr
+    plugin = subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "harness.plugin", "-p", "no:cacheprovider",
+         "tests/cross_os", "--targets-file", str(path),
+         "--reports-dir", str(tmp_path / "reports")],
+        cwd=REPO, capture_output=True, text=True, timeout=120, env=env, check=False)
+    assert plugin.returncode == pytest.ExitCode.USAGE_ERROR, plugin.stdout + plugin.stderr
+    assert "Traceback" not in plugin.stderr + plugin.stdout
+    errors = [line for line in plugin.stderr.splitlines() if "'ofline'" in line]
+    assert len(errors) == 1, plugin.stderr
+
+
+def test_every_unavailable_error_is_one_target_unavailable() -> None:
+    from harness import drivers
+    from harness.drivers.base import TargetError, TargetUnavailable
+    from harness.results import is_unavailable as _is_unavailable
+    assert issubclass(drivers.DriverUnavailable, TargetUnavailable)
+    assert issubclass(TargetUnavailable, TargetError)
+    assert _is_unavailable(TargetUnavailable("no image: x"))
+    assert _is_unavailable(drivers.DriverUnavailable("driver not available: x"))
+    assert not _is_unavailable(TargetError("start: broken"))
