@@ -105,7 +105,7 @@ COMPOSE = $(shell if docker compose version >/dev/null 2>&1; then echo "docker c
 
 compose-up: $(STAMP)
 	@test -n "$(COMPOSE)" || { echo "make: neither 'docker compose' nor 'docker-compose' is installed" >&2; exit 1; }
-	$(PY) -m harness.images build debian-12 debian-13
+	$(PY) -m harness.drivers.docker.images build debian-12 debian-13
 	$(COMPOSE) -f compose.yaml up -d
 	$(COMPOSE) -f compose.yaml ps
 

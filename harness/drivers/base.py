@@ -7,7 +7,7 @@ lifecycle (harness.lifecycle) decides when each step runs, with a timeout each.
 Every resource a driver creates carries the labels ``LABEL_PROJECT`` and
 ``LABEL_RUN`` so that ``sweep()`` can find what an interrupted run left behind.
 
-Below the interface is what every kind (and harness/images.py) uses, kept here
+Below the interface is what every kind (and harness/drivers/docker/images.py) uses, kept here
 so that each import arrow points down, to this module: the watchdog
 (``call_with_timeout``), an error as one line (``one_line``), an exclusive file
 lock (``exclusive_lock``), whether a resource's owner still runs

@@ -15,7 +15,7 @@ The binaries (scripts/fetch-kernels.sh puts them there):
   script makes ``linux.uml.ld-trixie``, a copy whose PT_INTERP names Debian
   13's loader (patched in place, layout unchanged), run with LD_LIBRARY_PATH.
 
-The root filesystem is the built ``debian-12`` image (harness/images.py, through
+The root filesystem is the built ``debian-12`` image (harness/drivers/docker/images.py, through
 the docker driver), exported once with ``docker create`` + ``docker export`` and
 unpacked under ``ROOTFS_DIR/<target>-<image id>/``: cached by the image's content,
 so a changed image (new iomux, new tests) gives a new tree. Both kinds use it
@@ -214,8 +214,8 @@ def ensure_rootfs(target: Target, timeout: float) -> tuple[Path, dict[str, Any]]
     """Build (or find) the userland image and its exported tree; return the tree
     and the build facts (``cached``, ``seconds``, image, rootfs)."""
     from harness.drivers import get_driver
-    from harness.drivers.docker import LABEL_OWNER, DockerDriver, remove_container
-    from harness.images import file_lock
+    from harness.drivers.docker.driver import LABEL_OWNER, DockerDriver, remove_container
+    from harness.drivers.docker.images import file_lock
 
     started = time.monotonic()
     docker = get_driver("docker")

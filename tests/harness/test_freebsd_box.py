@@ -28,7 +28,7 @@ from typing import Any
 import pytest
 
 from harness import targets
-from harness.drivers import vagrant as vd
+from harness.drivers.vagrant import driver as vd
 from harness.drivers.base import Target, TargetError
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -56,7 +56,7 @@ from harness.drivers.base import (
 # Owner liveness is every driver's (harness.drivers.base); re-exported for the
 # tests that know it from here.
 from harness.drivers.base import owner_alive as owner_alive
-from harness.images import BuildResult, ImageBuilder, docker_errors, docker_sdk, parse_created
+from harness.drivers.docker.images import BuildResult, ImageBuilder, docker_errors, docker_sdk, parse_created
 from harness.reasons import Reason
 
 #: "<hostname>:<pid>:<process start ticks>" of the harness process that created

@@ -62,7 +62,7 @@ from harness.drivers.base import (
     run_argv,
 )
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[3]
 DOCKERFILE = REPO_ROOT / "docker" / "Dockerfile"
 TARGET_REPO_PREFIX = "iomux"
 BASE_REPO = "iomux-base/debian"
@@ -718,9 +718,9 @@ def _docker_targets(names: list[str]) -> list[Target]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m harness.images build [NAME ...]``: build the container targets'
+    """``python -m harness.drivers.docker.images build [NAME ...]``: build the container targets'
     images (what ``make compose-up`` runs first)."""
-    parser = argparse.ArgumentParser(prog="python -m harness.images")
+    parser = argparse.ArgumentParser(prog="python -m harness.drivers.docker.images")
     parser.add_argument("command", choices=["build"])
     parser.add_argument("names", nargs="*", help="targets of targets.toml (default: every docker one)")
     parser.add_argument("--timeout", type=float, default=1800.0)
@@ -729,14 +729,14 @@ def main(argv: list[str] | None = None) -> int:
         client = docker_sdk().from_env()
         client.ping()
     except Exception as exc:
-        print(f"python -m harness.images: error: no Docker daemon: {one_line(exc)}", file=sys.stderr)
+        print(f"python -m harness.drivers.docker.images: error: no Docker daemon: {one_line(exc)}", file=sys.stderr)
         return 1
     from harness.targets import TargetsError
 
     try:
         targets = _docker_targets(args.names)
     except TargetsError as exc:
-        print(f"python -m harness.images: error: {exc}", file=sys.stderr)
+        print(f"python -m harness.drivers.docker.images: error: {exc}", file=sys.stderr)
         return 2
     builder = ImageBuilder(client, log=lambda m: print(m, file=sys.stderr))
     status = 0

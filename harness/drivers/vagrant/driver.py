@@ -61,7 +61,7 @@ from harness.drivers.base import (
 )
 from harness.reasons import Reason
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 VAGRANT_DIR = ROOT / "vagrant"
 BOX_BUILD = VAGRANT_DIR / "box" / "build.sh"
 #: The FreeBSD box recipe: a box from FreeBSD's own VM image, no installer.
