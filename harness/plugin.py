@@ -539,7 +539,7 @@ def _is_unavailable(exc: BaseException) -> bool:
     if isinstance(exc, DriverUnavailable):
         return True
     try:
-        from harness.drivers.docker.images import ImageUnavailable
+        from harness.drivers.docker.base_images import ImageUnavailable
     except ImportError:
         return False
     return isinstance(exc, ImageUnavailable)

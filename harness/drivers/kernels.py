@@ -214,8 +214,9 @@ def ensure_rootfs(target: Target, timeout: float) -> tuple[Path, dict[str, Any]]
     """Build (or find) the userland image and its exported tree; return the tree
     and the build facts (``cached``, ``seconds``, image, rootfs)."""
     from harness.drivers import get_driver
-    from harness.drivers.docker.driver import LABEL_OWNER, DockerDriver, remove_container
-    from harness.drivers.docker.images import file_lock
+    from harness.drivers.docker.base_images import file_lock
+    from harness.drivers.docker.driver import DockerDriver
+    from harness.drivers.docker.engine import LABEL_OWNER, remove_container
 
     started = time.monotonic()
     docker = get_driver("docker")

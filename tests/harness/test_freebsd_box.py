@@ -28,8 +28,8 @@ from typing import Any
 import pytest
 
 from harness import targets
-from harness.drivers.vagrant import driver as vd
 from harness.drivers.base import Target, TargetError
+from harness.drivers.vagrant import driver as vd
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPE = ROOT / "vagrant" / "box" / "freebsd.sh"

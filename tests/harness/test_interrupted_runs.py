@@ -315,7 +315,8 @@ def test_kill_9_leaves_leftovers_that_the_next_run_sweeps(tmp_path: Path,
     assert (LIVE_DIR / f"{run_id}.lock").exists()
     # The killed workers are gone, or zombies not reaped yet (dead all the same):
     # the sweep judges an owner by its pid, and a kill takes a moment to land.
-    from harness.drivers.docker.driver import LABEL_OWNER, owner_alive
+    from harness.drivers.docker.driver import owner_alive
+    from harness.drivers.docker.engine import LABEL_OWNER
     owners = {c.labels.get(LABEL_OWNER, "") for c in _containers(run_id)}
     deadline = time.monotonic() + 15
     while any(owner_alive(o) for o in owners) and time.monotonic() < deadline:

@@ -11,8 +11,8 @@ import pytest
 from harness import reasons
 from harness.drivers import KINDS, driver_class
 from harness.drivers.docker.driver import DockerDriver
-from harness.drivers.vagrant.driver import VagrantDriver
 from harness.drivers.docker.images import ImageBuilder
+from harness.drivers.vagrant.driver import VagrantDriver
 from harness.targets import load
 
 #: A pull error as a Docker engine words it: registry host and DNS server inside.

@@ -21,8 +21,8 @@ from typing import Any, Iterator
 import pytest
 
 from harness import targets
-from harness.drivers.vagrant import driver as vd
 from harness.drivers.base import Target
+from harness.drivers.vagrant import driver as vd
 
 ROOT = Path(__file__).resolve().parents[2]
 NASTY = "; rm -rf / ; echo 'pwned' \"$(id)\" `id`"
