@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-from harness.drivers import KINDS
+from harness.drivers import KINDS, DriverUnavailable, driver_class
 from harness.drivers.base import BACKEND_PORTS, Target
 
 try:  # tomllib is 3.11+; the harness also runs on 3.9/3.10 hosts with tomli.
@@ -59,6 +59,15 @@ def host_backends() -> tuple[str, ...]:
     return tuple(found)
 
 
+def _required_options(kind: str) -> tuple[str, ...]:
+    """The keys a target of ``kind`` must give (its driver's ``required_options``);
+    none checked for a kind whose driver does not import here."""
+    try:
+        return driver_class(kind).required_options
+    except DriverUnavailable:
+        return ()
+
+
 def _parse_target(raw: Mapping[str, Any], where: str) -> Target:
     def need_str(key: str) -> str:
         value = raw.get(key)
@@ -96,10 +105,9 @@ def _parse_target(raw: Mapping[str, Any], where: str) -> Target:
         if value is not None and not isinstance(value, str):
             raise TargetsError(f"{where}: '{key}' must be a string")
         optional[key] = value
-    if kind == "docker" and not optional["image"]:
-        raise TargetsError(f"{where}: a docker target needs 'image'")
-    if kind == "vagrant" and not optional["box"]:
-        raise TargetsError(f"{where}: a vagrant target needs 'box'")
+    for key in _required_options(kind):
+        if not raw.get(key):
+            raise TargetsError(f"{where}: a {kind} target needs '{key}'")
 
     weight_raw = raw.get("weight", 1)
     if isinstance(weight_raw, bool) or not isinstance(weight_raw, (int, float)) \

@@ -101,6 +101,14 @@ class Driver(abc.ABC):
     """Bring one kind of target up and down, and run commands inside it."""
 
     kind: ClassVar[str]
+    #: Step timeouts (seconds) where this kind is slower than the lifecycle's
+    #: sequence (harness.lifecycle.SEQUENCE), e.g. ``{"start": 1500}``.
+    step_timeouts: ClassVar[Mapping[str, float]] = {}
+    #: Whether the host reaches the guest's ports through a userland proxy that
+    #: accepts for a server that is not there and distorts TCP half-close.
+    ports_proxied: ClassVar[bool] = False
+    #: The targets.toml keys a target of this kind must give (non-empty).
+    required_options: ClassVar[tuple[str, ...]] = ()
 
     @abc.abstractmethod
     def unavailable_reason(self) -> str | None:

@@ -75,6 +75,9 @@ class DockerDriver(ContainerTransport, Driver):
     """Linux container targets on a Docker engine."""
 
     kind: ClassVar[str] = "docker"
+    #: Docker's userland proxy (see the module docstring).
+    ports_proxied: ClassVar[bool] = True
+    required_options: ClassVar[tuple[str, ...]] = ("image",)
 
     def __init__(self, log: Any = None) -> None:
         self._clients: dict[str, Any] = {}

@@ -34,7 +34,7 @@ import socket
 import sys
 import time
 from pathlib import Path
-from typing import ClassVar, Sequence
+from typing import ClassVar, Mapping, Sequence
 
 from harness.drivers.base import (
     BACKEND_PORTS,
@@ -105,6 +105,11 @@ class VagrantDriver(VagrantBoxes, SSHTransport, Driver):
     """VMs through vagrant: libvirt here (QEMU emulation), VirtualBox or libvirt elsewhere."""
 
     kind: ClassVar[str] = "vagrant"
+    #: A VM under QEMU software emulation boots in about a minute, and a boot may
+    #: be retried (UP_ATTEMPTS).
+    step_timeouts: ClassVar[Mapping[str, float]] = {"start": 1500, "healthy": 600,
+                                                    "destroy": 600}
+    required_options: ClassVar[tuple[str, ...]] = ("box",)
 
     # -- availability ---------------------------------------------------------------------
 
