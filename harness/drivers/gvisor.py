@@ -3,7 +3,7 @@
 gVisor is a user-space kernel in Go, with its own epoll and its own TCP/IP stack
 (netstack), so what the suites see inside it is gVisor's answer, not Linux's.
 Each instance is an OCI bundle over the shared read-only root filesystem
-(harness/drivers/kernels.py), run with
+(harness/drivers/userland.py), run with
 
     runsc --root=<private state dir> --network=none --platform=P run --detach ID
 

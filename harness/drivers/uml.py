@@ -2,7 +2,7 @@
 
 User-Mode Linux is a real Linux kernel built to run as an ordinary process, so
 its epoll, TCP and socket options are that version's own, on one vCPU. Each
-instance boots the pinned ``linux.uml`` (harness/drivers/kernels.py) with
+instance boots the pinned ``linux.uml`` (harness/drivers/kernel_builds.py) with
 
     mem=M root=/dev/root rootfstype=hostfs rootflags=<rootfs> ro
     init=/opt/iomux/uml_agent.py ssl0=fd:R,fd:W con0=null,fd:L uml_dir=<private dir>
