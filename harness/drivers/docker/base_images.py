@@ -94,7 +94,6 @@ def file_lock(name: str) -> Iterator[None]:
         yield
 
 
-
 def offline_recipe(target: Target) -> dict[str, Any] | None:
     """The debootstrap recipe of a target: ``[target.offline]`` in targets.toml, else
     derived from a ``debian:<suite>[-slim]`` image name; None if there is none."""
@@ -136,7 +135,6 @@ def debian_mirror() -> str:
                 if match and "security" not in match.group(1):
                     return match.group(1)
     return DEFAULT_MIRROR
-
 
 
 class BaseImageBuilder:
@@ -301,7 +299,6 @@ def debootstrap_missing() -> str | None:
     if os.geteuid() != 0:
         return reasons.DEBOOTSTRAP_ROOT
     return None
-
 
 
 def remaining(deadline: float, step: str) -> float:

@@ -1,6 +1,7 @@
 """The Docker engine as the ``docker`` kind's modules reach it: the SDK imported on
-first use, the engine's time stamps, container names, and a removal that two
-sweeps of one engine may race on."""
+first use, the engine's time stamps, container names, the sweep of what earlier
+runs left (labels and owners), a removal that two sweeps of one engine may race
+on, and the one file of a ``get_archive`` stream."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ LABEL_WORKER = "io.iomux.worker"
 #: Dangling images of ours younger than this may be a concurrent build's layers.
 STALE_IMAGE_S = 3600.0
 
+
 def docker_sdk() -> Any:
     """The Docker SDK module, imported on first use (a machine without it can still
     load the harness). Imported by name because the repository's own ``docker/``
@@ -40,7 +42,6 @@ def parse_created(text: str) -> float | None:
         return None
     parsed = datetime.datetime.strptime(match.group(1), "%Y-%m-%dT%H:%M:%S")
     return parsed.replace(tzinfo=datetime.timezone.utc).timestamp()
-
 
 
 def docker_name(*parts: str) -> str:

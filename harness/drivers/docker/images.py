@@ -111,7 +111,6 @@ def source_paths() -> list[Path]:
     return [*paths, readme] if readme.exists() else paths
 
 
-
 class ImageBuilder(BaseImageBuilder):
     """Builds target images (over the base images of ``BaseImageBuilder``) on one
     Docker engine."""
@@ -275,7 +274,6 @@ def git_revision() -> str:
     except (OSError, subprocess.TimeoutExpired):
         return "unknown"
     return proc.stdout.strip() or "unknown"
-
 
 
 def _docker_targets(names: list[str]) -> list[Target]:

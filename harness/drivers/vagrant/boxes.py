@@ -82,7 +82,6 @@ class FreeBSDImage:
                 f"in {shown}, or set {IMAGES_ENV}")
 
 
-
 class VagrantBoxes:
     """The box half of the vagrant driver: availability of a target's box, and build."""
 
