@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 TARGETS ?=
 PYTEST_ARGS ?=
 
-.PHONY: help venv lint typecheck actionlint shellcheck check unit test test-all-os setup setup-check \
+.PHONY: help venv lint typecheck actionlint shellcheck importlint check unit test test-all-os setup setup-check \
 	targets bench compose-up compose-down clean
 
 help:
@@ -19,7 +19,7 @@ help:
 	@echo "  make targets       the targets, their kinds, and whether each can run here (and why not)"
 	@echo "  make setup         install and start the engines the targets need, and leave them up"
 	@echo "  make setup-check   say what is missing and the command that would fix it; change nothing"
-	@echo "  make check         lint + typecheck + actionlint;  make unit: the host-only tests"
+	@echo "  make check         lint + typecheck + actionlint + importlint;  make unit: the host-only tests"
 	@echo "  make bench         benchmarks: JSON under bench/out/, a table (BENCH_ARGS=--quick: 1 round)"
 	@echo "  make compose-up    one hardened echo service per Linux target, by hand (compose-down)"
 	@echo "  make venv          just the virtual environment (.venv);  make clean: remove it and reports/"
@@ -53,7 +53,12 @@ shellcheck:
 	@scripts/setup-engines.sh start lint
 	shellcheck vagrant/*.sh vagrant/box/*.sh scripts/*.sh .ci/run
 
-check: lint typecheck actionlint shellcheck
+# The import contracts of pyproject.toml ([tool.importlinter]): the harness's layers
+# (plugin -> lifecycle -> drivers -> drivers.base) without cycles; iomux free of harness.
+importlint: $(STAMP)
+	$(VENV)/bin/lint-imports --no-logo --no-cache
+
+check: lint typecheck actionlint shellcheck importlint
 
 # Runs the command $(1) with the engines of the kinds $(2) made sure of first
 # (scripts/setup-engines.sh: installs and starts what is missing, where it may), and
@@ -105,7 +110,7 @@ COMPOSE = $(shell if docker compose version >/dev/null 2>&1; then echo "docker c
 
 compose-up: $(STAMP)
 	@test -n "$(COMPOSE)" || { echo "make: neither 'docker compose' nor 'docker-compose' is installed" >&2; exit 1; }
-	$(PY) -m harness.images build debian-12 debian-13
+	$(PY) -m harness.drivers.docker.images build debian-12 debian-13
 	$(COMPOSE) -f compose.yaml up -d
 	$(COMPOSE) -f compose.yaml ps
 

@@ -25,7 +25,7 @@ from typing import Any, Callable, Mapping, Sequence, TypeVar
 
 # The watchdog lives with the drivers, which call it too, and is re-exported for
 # the plugin. Every call here passes this module's GRACE (a test shortens it).
-from harness.drivers import base
+from harness.drivers import DriverUnavailable, UnknownKind, base, driver_class
 from harness.drivers.base import GRACE as GRACE
 from harness.drivers.base import Driver, ExecResult, Instance, StepTimeout, Target, TargetError
 from harness.drivers.base import call_with_timeout as call_with_timeout
@@ -61,17 +61,21 @@ SEQUENCE: tuple[Step, ...] = (
 )
 STEPS: Mapping[str, Step] = {step.name: step for step in SEQUENCE}
 
-#: Per-kind defaults where a kind is slower than the sequence's (a VM under QEMU
-#: software emulation boots in about a minute, and a boot may be retried).
-KIND_TIMEOUTS: Mapping[str, Mapping[str, float]] = {
-    "vagrant": {"start": 1500, "healthy": 600, "destroy": 600},
-}
+
+def kind_timeouts(kind: str) -> Mapping[str, float]:
+    """The kind's own step timeouts (its driver's ``step_timeouts``), where it is
+    slower than the sequence; none for a kind whose driver does not import here."""
+    try:
+        return driver_class(kind).step_timeouts
+    except (UnknownKind, DriverUnavailable):
+        return {}
+
 
 def step_timeouts(target: Target, override: float | None = None) -> dict[str, float]:
     """Timeouts of each step for ``target``: the sequence's, the kind's, the
     target's ``[target.timeouts]`` table, then ``--target-timeout`` for all."""
     timeouts = {step.name: step.timeout for step in SEQUENCE}
-    timeouts.update(KIND_TIMEOUTS.get(target.kind, {}))
+    timeouts.update(kind_timeouts(target.kind))
     declared = target.options.get("timeouts", {})
     if isinstance(declared, Mapping):
         for name, value in declared.items():

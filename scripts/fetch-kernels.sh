@@ -10,13 +10,14 @@
 # sources list for trixie, private lists and cache: nothing of the host's apt
 # state changes) and unpacked with dpkg-deb -x into $IOMUX_KERNELS_DIR
 # (default /var/cache/iomux/kernels/<package>-<version>/), never installed over
-# the host's packages. harness/drivers/kernels.py reads the same names.
+# the host's packages. harness/drivers/kernel_builds.py reads the same names.
 #
 # Idempotent: one line per thing installed; a run with nothing to do says so in
 # one line. Exit 0 on success, non-zero with a one-line reason on failure.
 set -euo pipefail
 
-# Keep in step with KERNELS in harness/drivers/kernels.py.
+# Keep in step with targets.toml's [target.kernel_build] pins (paths: EXECUTABLES in
+# harness/drivers/kernel_builds.py).
 BOOKWORM_PKGS=("runsc=0.0~20221219.0-2+b3" "user-mode-linux=6.1um4+b13")
 # Debian 13's linux.uml needs glibc 2.38+ (this host has 2.36): Debian 13's libc6 is
 # unpacked beside it. It cannot run as "ld.so linux.uml": UML sizes its memory

@@ -98,7 +98,7 @@ if ((${#kinds[@]} == 0)) && [[ $mode != stop ]]; then
   fi
 fi
 has_kind() { local k; for k in "${kinds[@]}"; do [[ $k == "$1" ]] && return 0; done; return 1; }
-# gvisor and uml run over the debian-12 image's exported root (harness/drivers/kernels.py),
+# gvisor and uml run over the debian-12 image's exported root (harness/drivers/userland.py),
 # so they need the Docker engine too, even when no docker target is selected.
 if { has_kind gvisor || has_kind uml; } && ! has_kind docker; then kinds+=(docker); fi
 

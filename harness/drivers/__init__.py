@@ -16,8 +16,8 @@ from harness.drivers.base import Driver, TargetUnavailable
 #: kind -> module; the module holds one Driver subclass whose ``kind`` is that name.
 KINDS: Dict[str, str] = {
     "local": "harness.drivers.local",
-    "docker": "harness.drivers.docker",
-    "vagrant": "harness.drivers.vagrant",
+    "docker": "harness.drivers.docker.driver",
+    "vagrant": "harness.drivers.vagrant.driver",
     "gvisor": "harness.drivers.gvisor",
     "uml": "harness.drivers.uml",
 }

@@ -7,7 +7,7 @@ lifecycle (harness.lifecycle) decides when each step runs, with a timeout each.
 Every resource a driver creates carries the labels ``LABEL_PROJECT`` and
 ``LABEL_RUN`` so that ``sweep()`` can find what an interrupted run left behind.
 
-Below the interface is what every kind (and harness/images.py) uses, kept here
+Below the interface is what every kind (and harness/drivers/docker/images.py) uses, kept here
 so that each import arrow points down, to this module: the watchdog
 (``call_with_timeout``), an error as one line (``one_line``), an exclusive file
 lock (``exclusive_lock``), whether a resource's owner still runs
@@ -160,6 +160,12 @@ class Driver(abc.ABC):
     """Bring one kind of target up and down, and run commands inside it."""
 
     kind: ClassVar[str]
+    #: Step timeouts (seconds) where this kind is slower than the lifecycle's
+    #: sequence (harness.lifecycle.SEQUENCE), e.g. ``{"start": 1500}``.
+    step_timeouts: ClassVar[Mapping[str, float]] = {}
+    #: Whether the host reaches the guest's ports through a userland proxy that
+    #: accepts for a server that is not there and distorts TCP half-close.
+    ports_proxied: ClassVar[bool] = False
     #: Keys of its targets.toml entry a target of this kind must have (``image``,
     #: ``box`` and any table the driver cannot do without).
     options_required: ClassVar[frozenset[str]] = frozenset()

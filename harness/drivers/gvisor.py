@@ -3,7 +3,7 @@
 gVisor is a user-space kernel in Go, with its own epoll and its own TCP/IP stack
 (netstack), so what the suites see inside it is gVisor's answer, not Linux's.
 Each instance is an OCI bundle over the shared read-only root filesystem
-(harness/drivers/kernels.py), run with
+(harness/drivers/userland.py), run with
 
     runsc --root=<private state dir> --network=none --platform=P run --detach ID
 
@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 from typing import Any, ClassVar, Sequence
 
-from harness.drivers import kernels
+from harness.drivers import kernel_builds, kernels, userland
 from harness.drivers.base import (
     BACKEND_PORTS,
     ExecResult,
@@ -110,14 +110,14 @@ class GVisorDriver(kernels.KernelDriver):
     def _runsc(instance: Instance, *words: str) -> list[str]:
         target = instance.target
         flags = [str(f) for f in target.options.get("runsc_flags", [])]
-        return [*kernels.kernel_binary(target).argv0(), f"--root={instance.data['state_dir']}",
+        return [*kernel_builds.kernel_binary(target).argv0(), f"--root={instance.data['state_dir']}",
                 "--network=none", *flags, *words]
 
     def _marker(self, home: Path) -> str:
         """runsc's ``--root``: on the command line of the sandbox's every process."""
         return f"--root={home / 'state'}"
 
-    def _kernel_facts(self, binary: kernels.KernelBinary) -> dict[str, Any]:
+    def _kernel_facts(self, binary: kernel_builds.KernelBinary) -> dict[str, Any]:
         """The binary's facts and what runsc reports itself to be."""
         version = run_argv([*binary.argv0(), "--version"], 30, "runsc --version")
         return {**binary.facts(), "reports": version.stdout.strip().splitlines()[:1]}
@@ -132,7 +132,7 @@ class GVisorDriver(kernels.KernelDriver):
         (home / "bundle").mkdir()
         argv = ["/bin/sh", "-c", INIT_SCRIPT, "iomux-init",
                 *(f"{b}:{BACKEND_PORTS[b]}" for b in instance.data["backends"])]
-        config = bundle_config(rootfs, kernels.image_env(rootfs), argv, target.name)
+        config = bundle_config(rootfs, userland.image_env(rootfs), argv, target.name)
         (home / "bundle" / "config.json").write_text(json.dumps(config, indent=1))
         try:
             # The sandbox keeps the stdio it is given: a file, so that nothing

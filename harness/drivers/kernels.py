@@ -1,30 +1,9 @@
-"""What the ``gvisor`` and ``uml`` kinds share: the kernel binaries Debian ships,
-and one Debian 12 root filesystem for both, so that the kernel is the only thing
-that changes between ``debian-12`` (docker) and these targets.
-
-The binaries (scripts/fetch-kernels.sh puts them there):
-
-- Debian 12's builds are installed packages: ``/usr/bin/runsc``,
-  ``/usr/bin/linux.uml``, pinned by the version dpkg reports.
-- Debian 13's builds are .deb files unpacked under ``KERNELS_DIR``
-  (``<package>-<version>/usr/bin/...``), never installed over the host's.
-  Debian 13's ``linux.uml`` is linked against glibc 2.38+ and this host has
-  2.36, so it runs on Debian 13's libc6, unpacked beside it. Not as
-  ``ld.so linux.uml``: UML sizes its physical memory from where brk starts,
-  which is then past ld.so's image ("Too few physical memory!"). The fetch
-  script makes ``linux.uml.ld-trixie``, a copy whose PT_INTERP names Debian
-  13's loader (patched in place, layout unchanged), run with LD_LIBRARY_PATH.
-
-The root filesystem is the built ``debian-12`` image (harness/images.py, through
-the docker driver), exported once with ``docker create`` + ``docker export`` and
-unpacked under ``ROOTFS_DIR/<target>-<image id>/``: cached by the image's content,
-so a changed image (new iomux, new tests) gives a new tree. Both kinds use it
-read-only; each instance writes only to its own tmpfs.
-
-``KernelDriver`` is the driver both kinds are, but for how a guest is booted,
-reached and stopped: the build, the instance's private directory and its sweep,
-the servers' health checked from inside (nothing in the guest is reachable from
-the host), ``copy_from`` over exec, the saved logs and the last of destroy.
+"""What the ``gvisor`` and ``uml`` kinds share: ``KernelDriver``, the driver both
+kinds are, but for how a guest is booted, reached and stopped: the build (the
+pinned binary, ``kernel_builds``, and the shared Debian 12 tree, ``userland``),
+the instance's private directory and its sweep, the servers' health checked from
+inside (nothing in the guest is reachable from the host), ``copy_from`` over
+exec, the saved logs and the last of destroy.
 """
 
 from __future__ import annotations
@@ -32,22 +11,17 @@ from __future__ import annotations
 import abc
 import base64
 import contextlib
-import dataclasses
 import functools
-import hashlib
 import json
 import os
 import resource
 import shutil
-import subprocess
 import time
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Mapping, Sequence
+from typing import Any, Callable, ClassVar, Sequence
 
 from harness.drivers.base import (
     BACKEND_PORTS,
-    LABEL_PROJECT,
-    PROJECT,
     Driver,
     ExecResult,
     Guest,
@@ -59,19 +33,9 @@ from harness.drivers.base import (
     owner_alive,
     owner_label,
 )
+from harness.drivers.kernel_builds import KernelBinary, kernel_binary
+from harness.drivers.userland import ensure_rootfs, userland_unavailable_reason
 
-KERNELS_DIR = Path(os.environ.get("IOMUX_KERNELS_DIR", "/var/cache/iomux/kernels"))
-ROOTFS_DIR = Path(os.environ.get("IOMUX_ROOTFS_DIR", "/var/cache/iomux/rootfs"))
-#: The docker target whose image is the userland of every gvisor/uml target.
-DEFAULT_USERLAND = "debian-12"
-FETCH_HINT = "run scripts/fetch-kernels.sh install"
-#: Paths of the executable inside each package.
-EXECUTABLES: Mapping[str, str] = {"runsc": "usr/bin/runsc", "user-mode-linux": "usr/bin/linux.uml"}
-LIBC_DIR = "usr/lib/x86_64-linux-gnu"
-#: The image's ENV (PATH with the venv, HOME=/tmp, ...), saved beside the tree.
-IMAGE_ENV = ".image-env.json"
-#: An export unused this long after a newer one exists is removed.
-SUPERSEDED_AFTER_S = 900.0
 #: Where the userland (docker/Dockerfile) has the in-guest suite and its Python.
 GUEST_PYTHON = "/opt/iomux/venv/bin/python"
 GUEST_TESTS = "/opt/iomux/tests/server"
@@ -98,204 +62,6 @@ def log_tail(path: Path) -> str:
     except OSError:
         return ""
     return lines[-1][:200] if lines else "(no output)"
-
-
-@dataclasses.dataclass(frozen=True)
-class KernelBinary:
-    """One pinned build of runsc or linux.uml, as a target declares it."""
-
-    package: str
-    version: str
-    #: "bookworm" (an installed package) or "trixie" (an unpacked .deb)
-    suite: str
-    #: the libc6 version whose loader runs it ("" for the host's own)
-    libc6: str = ""
-
-    @property
-    def path(self) -> Path:
-        """Where the executable is."""
-        rel = EXECUTABLES[self.package]
-        if self.suite == "bookworm":
-            return Path("/") / rel
-        return KERNELS_DIR / f"{self.package}-{self.version}" / rel
-
-    @property
-    def runs(self) -> Path:
-        """What is executed: the binary, or its copy on Debian 13's loader."""
-        return self.path.with_name(self.path.name + ".ld-trixie") if self.libc6 else self.path
-
-    def argv0(self) -> list[str]:
-        """The words that run it."""
-        return [str(self.runs)]
-
-    def env(self) -> dict[str, str]:
-        """What its environment needs: Debian 13's libc6 for the patched copy."""
-        if not self.libc6:
-            return {}
-        return {"LD_LIBRARY_PATH": str(KERNELS_DIR / f"libc6-{self.libc6}" / LIBC_DIR)}
-
-    def missing_reason(self) -> str | None:
-        """Why this build cannot run here (one line with the fix), or None."""
-        if self.suite == "bookworm":
-            if _dpkg_version(self.package) != self.version:  # absent, or another version
-                return f"{self.package} {self.version} not installed ({FETCH_HINT})"
-        elif not (self.path.parent.parents[1] / ".unpacked").is_file():
-            return f"{self.package} {self.version} not fetched ({FETCH_HINT})"
-        if self.libc6 and not (KERNELS_DIR / f"libc6-{self.libc6}" / ".unpacked").is_file():
-            return f"libc6 {self.libc6} (for {self.package}) not fetched ({FETCH_HINT})"
-        if not os.access(self.runs, os.X_OK):
-            return f"{self.runs.name} {self.version} not made ({FETCH_HINT})"
-        return None
-
-    def facts(self) -> dict[str, Any]:
-        """Version and SHA-256 of the binary that runs, for the report."""
-        facts = {"package": self.package, "version": self.version, "suite": self.suite,
-                 "binary": str(self.path), "sha256": sha256_of(str(self.path))}
-        if self.libc6:
-            facts.update(runs=str(self.runs), runs_sha256=sha256_of(str(self.runs)),
-                         libc6=self.libc6)
-        return facts
-
-
-def kernel_binary(target: Target) -> KernelBinary:
-    """The build ``target`` declares: ``[target.kernel_build]`` in targets.toml."""
-    build = target.options.get("kernel_build")
-    if not isinstance(build, Mapping) or not all(
-            isinstance(build.get(k), str) for k in ("package", "version", "suite")):
-        raise TargetError(f"{target.name}: targets.toml needs [target.kernel_build] with "
-                          f"package, version and suite")
-    if build["package"] not in EXECUTABLES or build["suite"] not in ("bookworm", "trixie"):
-        raise TargetError(f"{target.name}: unknown kernel build {dict(build)}")
-    return KernelBinary(str(build["package"]), str(build["version"]), str(build["suite"]),
-                        str(build.get("libc6", "")))
-
-
-def _dpkg_version(package: str) -> str:
-    try:
-        proc = subprocess.run(["dpkg-query", "-W", "-f=${Status} ${Version}", package],
-                              capture_output=True, text=True, timeout=30, check=False)
-    except (OSError, subprocess.TimeoutExpired):
-        return ""
-    words = proc.stdout.split()
-    return words[3] if proc.returncode == 0 and len(words) == 4 and words[2] == "installed" else ""
-
-
-@functools.cache
-def sha256_of(path: str) -> str:
-    """The SHA-256 of a file, read once per process."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def userland_target(target: Target) -> Target:
-    """The docker target (targets.toml) whose image is ``target``'s userland."""
-    from harness import targets as targets_mod
-
-    name = str(target.options.get("userland", DEFAULT_USERLAND))
-    for declared in targets_mod.load(targets_mod.DEFAULT_PATH):
-        if declared.name == name and declared.kind == "docker":
-            return declared
-    raise TargetError(f"{target.name}: userland {name!r} is not a docker target in targets.toml")
-
-
-def userland_unavailable_reason(target: Target) -> str | None:
-    """Why the userland image cannot be had here (no Docker engine, no base), or None."""
-    from harness.drivers import get_driver
-
-    docker = get_driver("docker")
-    reason = docker.unavailable_reason()
-    if reason is None:
-        reason = docker.target_unavailable_reason(userland_target(target))
-    return f"the Debian 12 userland needs docker: {reason}" if reason else None
-
-
-def ensure_rootfs(target: Target, timeout: float) -> tuple[Path, dict[str, Any]]:
-    """Build (or find) the userland image and its exported tree; return the tree
-    and the build facts (``cached``, ``seconds``, image, rootfs)."""
-    from harness.drivers import get_driver
-    from harness.drivers.docker import LABEL_OWNER, DockerDriver, remove_container
-    from harness.images import file_lock
-
-    started = time.monotonic()
-    docker = get_driver("docker")
-    assert isinstance(docker, DockerDriver)
-    userland = userland_target(target)
-    facts = docker.build(userland, timeout)
-    image_id = str(facts["image_id"]).split(":")[-1]
-    dest = ROOTFS_DIR / f"{userland.name}-{image_id[:16]}"
-    cached = (dest / ".exported").is_file()
-    if cached:
-        os.utime(dest)  # in use: not superseded for another SUPERSEDED_AFTER_S
-    if not cached:
-        with file_lock(f"rootfs-{userland.name}"):
-            if not (dest / ".exported").is_file():
-                client = docker.client(userland)
-                container = client.containers.create(
-                    facts["image_id"], command=["true"],
-                    labels={LABEL_PROJECT: PROJECT, LABEL_OWNER: owner_label()})
-                tmp = dest.with_name(dest.name + ".tmp")
-                shutil.rmtree(tmp, ignore_errors=True)
-                tmp.mkdir(parents=True)
-                try:
-                    _untar(container.export(), tmp, max(10.0, timeout - (time.monotonic()
-                                                                          - started)))
-                finally:
-                    remove_container(container)
-                env = client.images.get(facts["image_id"]).attrs["Config"].get("Env") or []
-                (tmp / IMAGE_ENV).write_text(json.dumps(env) + "\n")
-                (tmp / ".exported").write_text(f"{facts['image_id']}\n")
-                shutil.rmtree(dest, ignore_errors=True)
-                tmp.rename(dest)
-                _remove_superseded(dest)
-    return dest, {"cached": bool(cached and facts.get("cached")),
-                  "seconds": round(time.monotonic() - started, 3),
-                  "image": facts.get("image"), "image_id": facts.get("image_id"),
-                  "rootfs": str(dest), "rootfs_cached": cached}
-
-
-def _remove_superseded(current: Path) -> None:
-    """Remove older exports of the same userland that no instance has used for
-    SUPERSEDED_AFTER_S (a concurrent run on an older image may still use one)."""
-    prefix = current.name.rsplit("-", 1)[0] + "-"
-    cutoff = time.time() - SUPERSEDED_AFTER_S
-    in_use = set()
-    for owner in STATE_BASE.glob("*/*/owner"):  # every instance not yet destroyed
-        with contextlib.suppress(OSError, ValueError):
-            in_use.add(str(json.loads(owner.read_text()).get("rootfs")))
-    for sibling in current.parent.glob(prefix + "*"):
-        if sibling != current and str(sibling) not in in_use \
-                and sibling.stat().st_mtime < cutoff:
-            shutil.rmtree(sibling, ignore_errors=True)
-
-
-def _untar(stream: Any, dest: Path, timeout: float) -> None:
-    """Unpack a ``docker export`` stream with tar(1): owners, modes and links kept."""
-    deadline = time.monotonic() + timeout
-    with subprocess.Popen(["tar", "-x", "--numeric-owner", "-f", "-", "-C", str(dest)],
-                          stdin=subprocess.PIPE, stderr=subprocess.PIPE) as tar:
-        assert tar.stdin is not None
-        try:
-            for chunk in stream:
-                tar.stdin.write(chunk)
-                if time.monotonic() > deadline:
-                    tar.kill()
-                    raise TargetError(f"build: docker export timed out after {timeout:g}s")
-            tar.stdin.close()
-            err = tar.stderr.read().decode(errors="replace") if tar.stderr else ""
-        except BrokenPipeError:
-            err = tar.stderr.read().decode(errors="replace") if tar.stderr else ""
-        if tar.wait() != 0:
-            raise TargetError(f"build: unpacking the exported root filesystem failed: "
-                              f"{err.strip().splitlines()[-1] if err.strip() else tar.returncode}")
-
-
-def image_env(rootfs: Path) -> list[str]:
-    """The userland image's ENV as ``NAME=VALUE`` words (docker/Dockerfile's ENV)."""
-    words = json.loads((rootfs / IMAGE_ENV).read_text())
-    return [str(w) for w in words]
 
 
 # -- per-instance state on the host, and what sweep() finds of it ---------------
@@ -397,6 +163,10 @@ class KernelDriver(Driver):
 
     #: Why nothing in the guest is reachable from the host (``Guest.unreachable``).
     unreachable: ClassVar[str]
+    #: ``kernel_build``: the pinned kernel binary; ``userland``: the docker target
+    #: whose image is the guest's tree; ``test_scale``: the fault suite's scale.
+    options_required: ClassVar[frozenset[str]] = frozenset({"kernel_build"})
+    options_allowed: ClassVar[frozenset[str]] = frozenset({"userland", "test_scale"})
     #: What one instance is called in the sweep's log ("gvisor sandbox").
     noun: ClassVar[str]
     #: The guest's own output in its directory, whose last line goes into an error.
@@ -405,10 +175,6 @@ class KernelDriver(Driver):
     logs: ClassVar[tuple[str, ...]]
     #: Seconds between reads of the servers' ready files.
     ready_poll_s: ClassVar[float] = 0.5
-    #: ``kernel_build``: the pinned kernel binary; ``userland``: the docker target
-    #: whose image is the guest's tree; ``test_scale``: the fault suite's scale.
-    options_required: ClassVar[frozenset[str]] = frozenset({"kernel_build"})
-    options_allowed: ClassVar[frozenset[str]] = frozenset({"userland", "test_scale"})
 
     def __init__(self) -> None:
         self._rootfs: dict[str, Path] = {}
@@ -451,7 +217,7 @@ class KernelDriver(Driver):
         reason = binary.missing_reason()
         if reason:
             raise TargetUnavailable(f"build: {reason}")
-        rootfs, facts = ensure_rootfs(target, timeout)
+        rootfs, facts = ensure_rootfs(target, timeout, STATE_BASE)
         self._prepare_rootfs(rootfs)
         self._rootfs[target.name] = rootfs
         facts["kernel_build"] = self._kernel_facts(binary)

@@ -2,7 +2,7 @@
 
 User-Mode Linux is a real Linux kernel built to run as an ordinary process, so
 its epoll, TCP and socket options are that version's own, on one vCPU. Each
-instance boots the pinned ``linux.uml`` (harness/drivers/kernels.py) with
+instance boots the pinned ``linux.uml`` (harness/drivers/kernel_builds.py) with
 
     mem=M root=/dev/root rootfstype=hostfs rootflags=<rootfs> ro
     init=/opt/iomux/uml_agent.py ssl0=fd:R,fd:W con0=null,fd:L uml_dir=<private dir>
@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 from typing import IO, Any, ClassVar, Sequence
 
-from harness.drivers import kernels
+from harness.drivers import kernel_builds, kernels
 from harness.drivers.base import (
     BACKEND_PORTS,
     ExecResult,
@@ -170,7 +170,7 @@ class UMLDriver(kernels.KernelDriver):
         to_guest_r, to_guest_w = os.pipe()
         from_guest_r, from_guest_w = os.pipe()
         log = open(home / "console.log", "wb")  # noqa: SIM115 - the guest keeps it
-        binary = kernels.kernel_binary(target)
+        binary = kernel_builds.kernel_binary(target)
         argv = [*binary.argv0(), f"mem={target.options.get('mem', '1024M')}",
                 "root=/dev/root", "rootfstype=hostfs", f"rootflags={rootfs}", "ro",
                 f"init=/{AGENT_IN_GUEST}", f"ssl0=fd:{to_guest_r},fd:{from_guest_w}",

@@ -18,14 +18,13 @@ import threading
 
 import pytest
 
+from harness.drivers import driver_class
 from harness.drivers.base import Target
 from harness.running_target import RunningTarget
 
 pytestmark = pytest.mark.suite("black-box")
 
 TIMEOUT = 30.0
-#: Kinds whose port forwarding is a userland proxy that distorts TCP half-close.
-PROXIED_KINDS = {"docker"}
 
 
 def _recv_exactly(sock: socket.socket, size: int) -> bytes:
@@ -139,7 +138,7 @@ def test_concurrent_clients(running_target: RunningTarget, target_backend: str) 
 
 def test_half_close(running_target: RunningTarget, target: Target, target_backend: str) -> None:
     """After our SHUT_WR, every byte is still echoed, then the server closes (EOF)."""
-    if target.kind in PROXIED_KINDS:
+    if driver_class(target.kind).ports_proxied:
         pytest.skip(f"{target.kind}'s userland proxy distorts half-close; "
                     "judged by the in-guest suite instead")
     payload = os.urandom(256 * 1024)

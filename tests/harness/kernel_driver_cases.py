@@ -18,7 +18,7 @@ from typing import Any, ClassVar, Iterator
 
 import pytest
 
-from harness.drivers import kernels
+from harness.drivers import kernel_builds, kernels
 from harness.drivers.base import Instance, StepTimeout, Target, TargetError
 from harness.targets import load
 
@@ -78,9 +78,9 @@ class KernelDriverCases:
     def test_build_records_version_and_sha256_of_the_binary_that_runs(
             self, target: Target, built: dict[str, Any]) -> None:
         facts = built["kernel_build"]
-        binary = kernels.kernel_binary(target)
+        binary = kernel_builds.kernel_binary(target)
         assert facts["version"] == target.options["kernel_build"]["version"]
-        assert facts["sha256"] == kernels.sha256_of.__wrapped__(str(binary.path))
+        assert facts["sha256"] == kernel_builds.sha256_of.__wrapped__(str(binary.path))
         self.check_build(target, built)
 
     def test_exec_passes_argv_as_data_and_keeps_rc_and_streams(self, instance: Instance) -> None:
@@ -114,7 +114,7 @@ class KernelDriverCases:
         assert made.rc == 0
         inside = self.driver.exec(instance, ["sha256sum", "/tmp/blob"], 30).stdout.split()[0]
         copied = self.driver.copy_from(instance, "/tmp/blob", tmp_path / "blob", 30)
-        assert kernels.sha256_of.__wrapped__(str(copied)) == inside
+        assert kernel_builds.sha256_of.__wrapped__(str(copied)) == inside
         with pytest.raises(TargetError):
             self.driver.copy_from(instance, "/tmp/absent", tmp_path / "absent", 30)
 

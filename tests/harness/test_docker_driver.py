@@ -20,8 +20,8 @@ from typing import Any, Iterator
 import pytest
 
 from harness.drivers.base import LABEL_PROJECT, LABEL_RUN, PROJECT, StepTimeout, Target, TargetError
-from harness.drivers.docker import LABEL_OWNER, LABEL_WORKER, DockerDriver, owner_alive
-from harness.images import docker_errors
+from harness.drivers.docker.driver import DockerDriver, owner_alive
+from harness.drivers.docker.engine import LABEL_OWNER, LABEL_WORKER, docker_errors
 from harness.targets import load
 
 _DRIVER = DockerDriver()

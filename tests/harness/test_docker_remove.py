@@ -7,8 +7,7 @@ from typing import Any
 import pytest
 from requests import Response
 
-from harness.drivers.docker import remove_container
-from harness.images import docker_errors
+from harness.drivers.docker.engine import docker_errors, remove_container
 
 # ``import docker`` would find the repository's docker/ directory first.
 errors: Any = docker_errors()

@@ -28,8 +28,9 @@ from typing import Any
 import pytest
 
 from harness import targets
-from harness.drivers import vagrant as vd
 from harness.drivers.base import Target, TargetError
+from harness.drivers.vagrant import boxes
+from harness.drivers.vagrant import driver as vd
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPE = ROOT / "vagrant" / "box" / "freebsd.sh"
@@ -350,7 +351,7 @@ def test_bad_arguments_are_one_line() -> None:
 @pytest.mark.parametrize("name,version", [("freebsd-14", "14.4"), ("freebsd-15", "15.0")])
 def test_targets_name_the_release_image_and_where_to_get_it(name: str, version: str) -> None:
     target = _freebsd_target(name)
-    image = vd.FreeBSDImage.of(target)
+    image = boxes.FreeBSDImage.of(target)
     assert image is not None and image.version == version
     assert image.file == f"FreeBSD-{version}-RELEASE-amd64-BASIC-CLOUDINIT-ufs.qcow2.xz"
     assert image.checksum_file == f"CHECKSUM.SHA512-FreeBSD-{version}-RELEASE-amd64"
@@ -373,18 +374,18 @@ class _NoBoxes(vd.VagrantDriver):
 @pytest.mark.parametrize("name", ["freebsd-14", "freebsd-15"])
 def test_no_image_is_the_one_not_run_line(name: str, tmp_path: Path,
                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv(vd.IMAGES_ENV, raising=False)
-    monkeypatch.delenv(vd.box_override_var(_freebsd_target(name)), raising=False)
+    monkeypatch.delenv(boxes.IMAGES_ENV, raising=False)
+    monkeypatch.delenv(boxes.box_override_var(_freebsd_target(name)), raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))
     target = _freebsd_target(name)
-    image = vd.FreeBSDImage.of(target)
+    image = boxes.FreeBSDImage.of(target)
     assert image is not None
     reason = _NoBoxes().target_unavailable_reason(target)
     assert reason == (f"no FreeBSD {image.version} image: put {image.file} and its CHECKSUM.SHA512 "
                       "in ~/.cache/iomux, or set IOMUX_IMAGES")
     assert "\n" not in reason
     # With IOMUX_IMAGES set, the line names that directory; with both files there, no reason.
-    monkeypatch.setenv(vd.IMAGES_ENV, str(tmp_path / "img"))
+    monkeypatch.setenv(boxes.IMAGES_ENV, str(tmp_path / "img"))
     assert f"in {tmp_path / 'img'}, or set" in (_NoBoxes().target_unavailable_reason(target) or "")
     (tmp_path / "img").mkdir()
     (tmp_path / "img" / image.file).write_bytes(b"stand-in")
@@ -392,14 +393,14 @@ def test_no_image_is_the_one_not_run_line(name: str, tmp_path: Path,
     (tmp_path / "img" / image.checksum_file).write_text("stand-in\n")
     assert _NoBoxes().target_unavailable_reason(target) is None
     # An installed box of the target's name is enough without the image.
-    monkeypatch.setenv(vd.IMAGES_ENV, str(tmp_path / "nothing"))
+    monkeypatch.setenv(boxes.IMAGES_ENV, str(tmp_path / "nothing"))
     assert _NoBoxes(installed=target.box or "").target_unavailable_reason(target) is None
 
 
 def test_a_box_the_user_has_is_taken_through_the_override(monkeypatch: pytest.MonkeyPatch,
                                                           tmp_path: Path) -> None:
     target = _freebsd_target("freebsd-14")
-    monkeypatch.setenv(vd.IMAGES_ENV, str(tmp_path))
+    monkeypatch.setenv(boxes.IMAGES_ENV, str(tmp_path))
     monkeypatch.setenv("IOMUX_BOX_FREEBSD_14", "generic/freebsd14")
     driver = _NoBoxes(installed="generic/freebsd14")
     assert driver.box_for(target) == "generic/freebsd14"
@@ -412,8 +413,8 @@ def test_a_box_the_user_has_is_taken_through_the_override(monkeypatch: pytest.Mo
 
 def test_build_without_image_or_box_says_the_not_run_line(monkeypatch: pytest.MonkeyPatch,
                                                           tmp_path: Path) -> None:
-    monkeypatch.setenv(vd.IMAGES_ENV, str(tmp_path))
-    monkeypatch.setattr(vd, "STATE_ROOT", tmp_path / "state")
+    monkeypatch.setenv(boxes.IMAGES_ENV, str(tmp_path))
+    monkeypatch.setattr(boxes, "STATE_ROOT", tmp_path / "state")
     target = _freebsd_target("freebsd-15")
     with pytest.raises(TargetError, match=r"^freebsd-15: no FreeBSD 15\.0 image: put "):
         _NoBoxes().build(target, 60)

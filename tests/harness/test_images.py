@@ -1,17 +1,17 @@
-"""harness.images without an engine: offline recipes, their tags, the mirror."""
+"""harness.drivers.docker.base_images and guest_wheels without an engine: offline recipes, their tags, the mirror."""
 
 from __future__ import annotations
 
 import pytest
 
 from harness.drivers.base import Target
-from harness.images import (
+from harness.drivers.docker.base_images import (
     DEBOOTSTRAP_INCLUDE,
     offline_recipe,
     recipe_tag,
-    target_python,
 )
-from harness.images import debian_mirror as mirror_of_host
+from harness.drivers.docker.base_images import debian_mirror as mirror_of_host
+from harness.drivers.docker.guest_wheels import target_python
 from harness.targets import load
 
 

@@ -60,7 +60,7 @@ UP_TIMEOUT = 240.0
 
 def _docker_reason() -> str | None:
     try:
-        from harness.drivers.docker import DockerDriver
+        from harness.drivers.docker.driver import DockerDriver
     except ImportError as exc:
         return f"no Docker SDK: {exc}"
     reason = DockerDriver().unavailable_reason()
@@ -146,7 +146,7 @@ class Run:
 
 
 def _docker_client() -> Any:
-    from harness.drivers.docker import DockerDriver
+    from harness.drivers.docker.driver import DockerDriver
     return DockerDriver().client()
 
 
@@ -259,7 +259,7 @@ def _clean_up(run_id: str | None) -> None:
     """Whatever a failed test left: this run's resources only."""
     if run_id is None:
         return
-    from harness.drivers.docker import DockerDriver
+    from harness.drivers.docker.driver import DockerDriver
     DockerDriver().sweep(run_id)
     LocalDriver().sweep(run_id)
     for scratch in Path("/tmp").glob(f"iomux-{run_id}-*"):
@@ -280,7 +280,7 @@ def _assert_nothing_left(run_id: str) -> None:
 def image() -> None:
     """Build debian-12 first (cached almost always): a run interrupted in the middle
     of a rebuild, because someone just edited the tree, tests something else."""
-    from harness.drivers.docker import DockerDriver
+    from harness.drivers.docker.driver import DockerDriver
     DockerDriver().build(next(t for t in _targets() if t.name == "debian-12"), timeout=1800)
 
 
@@ -315,7 +315,8 @@ def test_kill_9_leaves_leftovers_that_the_next_run_sweeps(tmp_path: Path,
     assert (LIVE_DIR / f"{run_id}.lock").exists()
     # The killed workers are gone, or zombies not reaped yet (dead all the same):
     # the sweep judges an owner by its pid, and a kill takes a moment to land.
-    from harness.drivers.docker import LABEL_OWNER, owner_alive
+    from harness.drivers.docker.driver import owner_alive
+    from harness.drivers.docker.engine import LABEL_OWNER
     owners = {c.labels.get(LABEL_OWNER, "") for c in _containers(run_id)}
     deadline = time.monotonic() + 15
     while any(owner_alive(o) for o in owners) and time.monotonic() < deadline:

@@ -152,7 +152,7 @@ def test_testinfra_quoting_keeps_a_hostile_path_one_word(tmp_path: Path,
 
 def _docker_reason() -> str | None:
     try:
-        from harness.drivers.docker import DockerDriver
+        from harness.drivers.docker.driver import DockerDriver
     except ImportError as exc:  # the SDK is missing
         return f"no Docker SDK: {exc}"
     return DockerDriver().unavailable_reason()
@@ -163,7 +163,7 @@ def docker_instance() -> Iterator[tuple[Any, Instance]]:
     reason = _docker_reason()
     if reason is not None:
         pytest.skip(reason)
-    from harness.drivers.docker import DockerDriver
+    from harness.drivers.docker.driver import DockerDriver
     driver = DockerDriver()
     target = next(t for t in load() if t.name == "debian-12")
     why = driver.target_unavailable_reason(target)

@@ -10,9 +10,9 @@ import pytest
 
 from harness import reasons
 from harness.drivers import KINDS, driver_class
-from harness.drivers.docker import DockerDriver
-from harness.drivers.vagrant import VagrantDriver
-from harness.images import ImageBuilder
+from harness.drivers.docker.driver import DockerDriver
+from harness.drivers.docker.images import ImageBuilder
+from harness.drivers.vagrant.driver import VagrantDriver
 from harness.targets import load
 
 #: A pull error as a Docker engine words it: registry host and DNS server inside.
@@ -30,7 +30,7 @@ def assert_well_formed(reason: str | None) -> None:
 
 @pytest.mark.parametrize("reason", [
     reasons.DOCKER_SDK, reasons.DOCKER_ENGINE, reasons.INTERRUPTED, reasons.NO_TEST_RAN,
-    reasons.driver_missing("harness.drivers.docker", ImportError("No module named 'docker'")),
+    reasons.driver_missing("harness.drivers.docker.driver", ImportError("No module named 'docker'")),
     reasons.driver_missing("harness.drivers.uml",
                            ImportError("No module named 'harness.drivers.uml'")),
     reasons.engine_check_failed("vagrant", RuntimeError("x" * 500)),

@@ -21,8 +21,10 @@ from typing import Any, Iterator
 import pytest
 
 from harness import targets
-from harness.drivers import vagrant as vd
+from harness.drivers import ssh
 from harness.drivers.base import Target
+from harness.drivers.vagrant import boxes
+from harness.drivers.vagrant import driver as vd
 
 ROOT = Path(__file__).resolve().parents[2]
 NASTY = "; rm -rf / ; echo 'pwned' \"$(id)\" `id`"
@@ -65,7 +67,7 @@ def _need_vms(reason: str | None) -> None:
 
 def test_remote_command_keeps_each_word_one_argument() -> None:
     argv = ["printf", "%s\\n", NASTY, "it's", ""]
-    line = vd.remote_command(argv)
+    line = ssh.remote_command(argv)
     assert shlex.split(line) == argv
     # What the guest's shell does with the line, done here by /bin/sh: nothing runs.
     out = subprocess.run(["sh", "-c", line], capture_output=True, text=True, check=True).stdout
@@ -73,8 +75,8 @@ def test_remote_command_keeps_each_word_one_argument() -> None:
 
 
 def test_remote_command_sudo_prefix() -> None:
-    assert shlex.split(vd.remote_command(["id", "-u"], user="root")) == ["sudo", "-n", "--", "id", "-u"]
-    assert shlex.split(vd.remote_command(["id"], user="nobody")) == [
+    assert shlex.split(ssh.remote_command(["id", "-u"], user="root")) == ["sudo", "-n", "--", "id", "-u"]
+    assert shlex.split(ssh.remote_command(["id"], user="nobody")) == [
         "sudo", "-n", "-u", "nobody", "--", "id"]
 
 
@@ -119,10 +121,10 @@ def test_freebsd_without_box_or_image_is_not_run(driver: vd.VagrantDriver, name:
                                                  tmp_path: Path,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     _need_vagrant()
-    monkeypatch.setenv(vd.IMAGES_ENV, str(tmp_path))
+    monkeypatch.setenv(boxes.IMAGES_ENV, str(tmp_path))
     target = _target(name)
-    monkeypatch.delenv(vd.box_override_var(target), raising=False)
-    image = vd.FreeBSDImage.of(target)
+    monkeypatch.delenv(boxes.box_override_var(target), raising=False)
+    image = boxes.FreeBSDImage.of(target)
     assert target.box and image is not None
     if driver.box_installed(target.box):
         assert driver.target_unavailable_reason(target) is None
@@ -143,7 +145,7 @@ def test_offline_box_builds_or_is_cached(driver: vd.VagrantDriver, engine_reason
     print(f"\nbox build: {json.dumps(first)}; second call: {json.dumps(again)}")
     assert again["cached"] is True
     assert driver.target_unavailable_reason(target) is None
-    assert subprocess.run([str(vd.BOX_BUILD), "--check"], capture_output=True, text=True,
+    assert subprocess.run([str(boxes.BOX_BUILD), "--check"], capture_output=True, text=True,
                           env={**os.environ, "IOMUX_BOX_NAME": target.box or ""},
                           timeout=60, check=False).returncode == 0
 
@@ -240,7 +242,7 @@ def test_sweep_removes_what_a_killed_run_left(driver: vd.VagrantDriver,
     _need_vms(engine_reason)
     run_id = f"killed-{os.getpid()}"
     tag = f"{run_id}-gw1"
-    run_dir = vd.STATE_ROOT / f"{tag}-debian-vm"
+    run_dir = boxes.STATE_ROOT / f"{tag}-debian-vm"
     domain = f"{vd.DOMAIN_PREFIX}{tag}-debian-vm"
     uri = driver._libvirt_uri()
     # A defined (never started) domain with our name stands in for the VM; its

@@ -3,14 +3,10 @@
 Everything goes through the SDK (``docker.from_env()``, which honours
 DOCKER_HOST; a target may name its own engine with ``docker_host`` in
 targets.toml): no shell strings anywhere. Commands run inside a container are
-argv lists given to ``exec_run``.
+argv lists given to ``exec_run`` (``transport``: commands, files, logs).
 
 Facts about the engine this relies on:
 
-- ``exec_run`` has no timeout. Every exec is wrapped in coreutils (or busybox)
-  ``timeout -k 5 T`` *inside* the container, so a stuck command is killed
-  where it runs, not merely abandoned; a host-side thread guard catches an
-  engine that stops answering.
 - A port published with an empty HostPort gets one chosen by the engine; it is
   read back from the container's NetworkSettings after start (no racy "find a
   free port" on the host). HostIp 127.0.0.1 keeps it off every other interface.
@@ -24,15 +20,11 @@ Facts about the engine this relies on:
 from __future__ import annotations
 
 import contextlib
-import io
 import json
-import posixpath
 import re
-import tarfile
 import threading
 import time
-from pathlib import Path
-from typing import Any, ClassVar, Sequence
+from typing import Any, ClassVar
 
 from harness import reasons
 from harness.drivers.base import (
@@ -42,13 +34,11 @@ from harness.drivers.base import (
     LABEL_RUN,
     PROJECT,
     Driver,
-    ExecResult,
     Guest,
     Instance,
     StepTimeout,
     Target,
     TargetError,
-    call_with_timeout,
     one_line,
     owner_label,
     serve_argv,
@@ -57,73 +47,39 @@ from harness.drivers.base import (
 # Owner liveness is every driver's (harness.drivers.base); re-exported for the
 # tests that know it from here.
 from harness.drivers.base import owner_alive as owner_alive
-from harness.images import BuildResult, ImageBuilder, docker_errors, docker_sdk, parse_created
+from harness.drivers.docker.engine import (
+    LABEL_OWNER,
+    LABEL_WORKER,
+    docker_errors,
+    docker_name,
+    docker_sdk,
+    remove_container,
+    sweep_engine,
+)
+from harness.drivers.docker.images import BuildResult, ImageBuilder
+from harness.drivers.docker.transport import ContainerTransport, serve_log
 from harness.reasons import Reason
 
-#: "<hostname>:<pid>:<process start ticks>" of the harness process that created
-#: a resource; sweep() removes resources whose owner is provably gone.
-LABEL_OWNER = "io.iomux.owner"
-LABEL_WORKER = "io.iomux.worker"
 #: The in-container user (docker/Dockerfile); anything but root.
 CONTAINER_USER = "10001:10001"
 GUEST_PYTHON = "/opt/iomux/venv/bin/python"
 GUEST_TESTS = "/opt/iomux/tests/server"
 PIDS_LIMIT = 512
-#: Dangling images of ours younger than this may be a concurrent build's layers.
-STALE_IMAGE_S = 3600.0
 HEALTH_INTERVAL_S = 2.0
-#: `timeout` exits 124 when the command timed out, 137 when it had to SIGKILL.
-TIMEOUT_CODES = (124, 137)
-
-
-def _docker_name(*parts: str) -> str:
-    """A container/network name from free text: Docker allows [a-zA-Z0-9][a-zA-Z0-9_.-]*."""
-    name = "-".join(re.sub(r"[^a-zA-Z0-9_.-]+", "_", p).strip("_.-") for p in parts if p)
-    return ("iomux-" + name)[:120]
 
 
 def _ready_file(backend: str) -> str:
     return f"/tmp/iomux-ready-{backend}.json"
 
 
-def _serve_log(backend: str) -> str:
-    return f"/tmp/iomux-serve-{backend}.log"
-
-
-def remove_container(container: Any, settle: float = 30.0) -> bool:
-    """Force-remove ``container``; True if this call removed it.
-
-    Two sweeps on one engine (parallel runs, or a run and its tests) can reach
-    the same leftover: Docker then answers the second with 409 "removal of
-    container ... is already in progress". That one is gone, not ours to fail
-    on; we wait (up to ``settle`` seconds) until it is, so that removing its
-    network next does not find an endpoint still attached.
-    """
-    errors = docker_errors()
-    try:
-        container.remove(force=True, v=True)
-        return True
-    except errors.NotFound:
-        return False
-    except errors.APIError as exc:
-        if exc.status_code != 409 or "already in progress" not in str(exc):
-            raise
-    deadline = time.monotonic() + settle
-    while time.monotonic() < deadline:
-        try:
-            container.reload()
-        except errors.NotFound:
-            break
-        time.sleep(0.2)
-    return False
-
-
-class DockerDriver(Driver):
+class DockerDriver(ContainerTransport, Driver):
     """Linux container targets on a Docker engine."""
 
     kind: ClassVar[str] = "docker"
+    #: Docker's userland proxy (see the module docstring).
+    ports_proxied: ClassVar[bool] = True
     #: ``image``: the registry base image; ``offline``: its debootstrap recipe
-    #: (harness/images.py); ``docker_host``: the engine, if not the default one.
+    #: (docker/base_images.py); ``docker_host``: the engine, if not the default one.
     options_required: ClassVar[frozenset[str]] = frozenset({"image"})
     options_allowed: ClassVar[frozenset[str]] = frozenset({"offline", "docker_host"})
 
@@ -181,47 +137,7 @@ class DockerDriver(Driver):
     def sweep(self, run_id: str | None = None) -> list[str]:
         """Remove our containers and networks (all of ``run_id``'s, or those whose
         owner process died) and, without a run id, our dangling images."""
-        errors = docker_errors()
-        client = self.client()
-        labels = [f"{LABEL_PROJECT}={PROJECT}"]
-        if run_id is not None:
-            labels.append(f"{LABEL_RUN}={run_id}")
-
-        def doomed(obj_labels: dict[str, str] | None) -> bool:
-            obj_labels = obj_labels or {}
-            if run_id is not None:
-                return True
-            owner = obj_labels.get(LABEL_OWNER)
-            return owner is not None and not owner_alive(owner)
-
-        removed: list[str] = []
-        for container in client.containers.list(all=True, filters={"label": labels}):
-            if doomed(container.labels) and remove_container(container):
-                removed.append(f"container {container.name}")
-        for network in client.networks.list(filters={"label": labels}):
-            if doomed(network.attrs.get("Labels")):
-                try:
-                    network.remove()
-                    removed.append(f"network {network.name}")
-                except errors.NotFound:
-                    pass
-                except errors.APIError:
-                    pass  # still has endpoints of a live container: not ours to force
-        if run_id is None:
-            # A build in progress has untagged intermediate images that look
-            # dangling: only those older than any build are stale.
-            cutoff = time.time() - STALE_IMAGE_S
-            dangling = client.images.list(filters={"label": labels[0], "dangling": True})
-            for image in dangling:
-                created = parse_created(str(image.attrs.get("Created", "")))
-                if created is None or created > cutoff:
-                    continue
-                try:
-                    client.images.remove(image.id)
-                    removed.append(f"image {image.short_id}")
-                except errors.APIError:
-                    pass  # in use, or a parent of a live image
-        return removed
+        return sweep_engine(self.client(), run_id)
 
     def build(self, target: Target, timeout: float) -> dict[str, Any]:
         """Build (or find cached) ``iomux/<target>:<content hash>``."""
@@ -240,7 +156,7 @@ class DockerDriver(Driver):
         127.0.0.1 only with host ports chosen by the engine."""
         errors = docker_errors()
         client = self.client(target)
-        name = _docker_name(target.name, run_id, worker)
+        name = docker_name(target.name, run_id, worker)
         labels = {LABEL_PROJECT: PROJECT, LABEL_RUN: run_id, LABEL_WORKER: worker,
                   LABEL_OWNER: owner_label(), "io.iomux.target": target.name}
         backends = ["auto", *(b for b in target.backends if b in BACKEND_PORTS and b != "auto")]
@@ -303,13 +219,6 @@ class DockerDriver(Driver):
             raise TargetError(f"{instance.target.name}: no port is published for backend "
                               f"{backend!r}") from None
 
-    def _container(self, instance: Instance) -> Any:
-        errors = docker_errors()
-        try:
-            return self.client(instance.target).containers.get(instance.resource_name)
-        except errors.NotFound:
-            raise TargetError(f"{instance.resource_name}: the container is gone") from None
-
     @staticmethod
     def _last_log_line(container: Any) -> str:
         try:
@@ -362,38 +271,6 @@ class DockerDriver(Driver):
                                   f"{timeout:g}s ({last})")
             time.sleep(0.25)
 
-    def exec(self, instance: Instance, argv: Sequence[str], timeout: float,
-             user: str | None = None) -> ExecResult:
-        """Run ``argv`` in the container under ``timeout -k 5 T`` (see the module
-        docstring); raise StepTimeout when it timed out."""
-        rc, out, err = self._exec_bytes(instance, argv, timeout, user)
-        return ExecResult(argv=list(argv), rc=rc, stdout=out.decode(errors="replace"),
-                          stderr=err.decode(errors="replace"))
-
-    def _exec_bytes(self, instance: Instance, argv: Sequence[str], timeout: float,
-                    user: str | None = None) -> tuple[int, bytes, bytes]:
-        if isinstance(argv, (str, bytes)):
-            raise TypeError("exec takes an argv list, not a string")
-        container = self._container(instance)
-        wrapped = ["timeout", "-k", "5", f"{max(timeout, 0.1):g}", *[str(a) for a in argv]]
-        step = f"exec: {argv[0]} in {instance.resource_name}"
-        started = time.monotonic()
-        try:
-            # the watchdog only catches an engine that stops answering; `timeout`
-            # inside has killed the command by then
-            rc, (out, err) = call_with_timeout(
-                step, timeout + 5, lambda: container.exec_run(wrapped, demux=True,
-                                                              user=user or ""))
-        except StepTimeout:
-            raise
-        except Exception as exc:  # an SDK or engine error: one line
-            raise TargetError(f"{step}: {one_line(exc)}") from exc
-        elapsed = time.monotonic() - started
-        if rc in TIMEOUT_CODES and elapsed >= timeout:
-            raise StepTimeout(f"exec: {argv[0]} in {instance.resource_name}: timed out after "
-                              f"{timeout:g}s")
-        return int(rc), out or b"", err or b""
-
     def start_backend_server(self, instance: Instance, backend: str,
                              timeout: float = 30.0) -> tuple[str, int]:
         """Start ``iomux serve --backend B`` on B's own port, detached, and wait for
@@ -416,7 +293,7 @@ class DockerDriver(Driver):
         # The engine keeps nothing of a detached exec's output, so the server's goes to
         # a file in the container's /tmp that save_logs brings back. The script is a
         # constant; the log's path and the command line are its arguments, never text.
-        argv = ["sh", "-c", 'log=$1; shift; exec "$@" >"$log" 2>&1', "sh", _serve_log(backend),
+        argv = ["sh", "-c", 'log=$1; shift; exec "$@" >"$log" 2>&1', "sh", serve_log(backend),
                 *serve_argv(backend, port, "0.0.0.0", ready_file=_ready_file(backend),
                             quiet=True)]
         exec_id = api.exec_create(self._container(instance).id, argv)["Id"]
@@ -447,83 +324,6 @@ class DockerDriver(Driver):
                                   f"{timeout:g}s for {', '.join(pending)}")
             if pending:
                 time.sleep(0.2)
-
-    def testinfra_spec(self, instance: Instance) -> tuple[str, dict[str, Any]]:
-        """testinfra's docker backend (it runs the docker CLI, which honours
-        DOCKER_HOST like the SDK)."""
-        return f"docker://{instance.resource_name}", {}
-
-    def copy_from(self, instance: Instance, path: str, dest: Path, timeout: float) -> Path:
-        """Copy one file out with ``get_archive`` (a tar stream of that file),
-        following symbolic links such as /etc/os-release."""
-        deadline = time.monotonic() + timeout
-        for _ in range(8):
-            link = self._copy_one(instance, path, dest, max(0.1, deadline - time.monotonic()))
-            if link is None:
-                return dest
-            path = posixpath.normpath(posixpath.join(posixpath.dirname(path), link))
-        raise TargetError(f"copy: {path} in {instance.resource_name}: too many symbolic links")
-
-    def _copy_one(self, instance: Instance, path: str, dest: Path, timeout: float) -> str | None:
-        # The archive API reads the container's root filesystem as the engine
-        # sees it, which does not include a tmpfs mount such as /tmp (a 404
-        # there): such files are read with `cat` inside the container instead.
-        container = self._container(instance)
-        step = f"copy: {path} from {instance.resource_name}"
-
-        def fetch() -> bytes:
-            stream, _stat = container.get_archive(path)
-            return b"".join(stream)
-
-        try:
-            archive = call_with_timeout(step, timeout, fetch)
-        except docker_errors().NotFound:
-            rc, out, err = self._exec_bytes(instance, ["cat", path], timeout)
-            if rc != 0:
-                raise TargetError(f"{step}: {err.decode(errors='replace').strip() or rc}") \
-                    from None
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            dest.write_bytes(out)
-            return None
-        except StepTimeout:
-            raise
-        except Exception as exc:  # an SDK or engine error: one line
-            raise TargetError(f"{step}: {one_line(exc)}") from exc
-        with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
-            member = tar.next()
-            if member is not None and member.issym():
-                return member.linkname
-            if member is None or not member.isfile():
-                raise TargetError(f"copy: {path} in {instance.resource_name} is not a file")
-            data = tar.extractfile(member)
-            assert data is not None  # a regular file member always has data
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            dest.write_bytes(data.read())
-        return None
-
-    def save_logs(self, instance: Instance, dest: Path) -> list[Path]:
-        """The container's output (with timestamps) and its inspect JSON."""
-        errors = docker_errors()
-        dest.mkdir(parents=True, exist_ok=True)
-        try:
-            container = self.client(instance.target).containers.get(instance.resource_name)
-        except errors.NotFound:
-            return []
-        log_path = dest / f"{instance.resource_name}.log"
-        log_path.write_bytes(container.logs(stdout=True, stderr=True, timestamps=True))
-        inspect_path = dest / f"{instance.resource_name}.inspect.json"
-        inspect_path.write_text(json.dumps(container.attrs, indent=2, sort_keys=True))
-        saved = [log_path, inspect_path]
-        # The per-backend servers started with exec (start_backend_server) log to /tmp.
-        python = instance.guest.python
-        with contextlib.suppress(TargetError, StepTimeout):
-            found = self.exec(instance, [python, "-c", "import glob; print('\\n'.join(sorted("
-                                         f"glob.glob({_serve_log('*')!r}))))"], 30)
-            for path in found.stdout.split() if found.rc == 0 else []:
-                with contextlib.suppress(TargetError, StepTimeout):
-                    saved.append(self.copy_from(
-                        instance, path, dest / f"{instance.resource_name}-{Path(path).name}", 60))
-        return saved
 
     def destroy(self, instance: Instance, timeout: float) -> None:
         """Force-remove the container and its network; absent ones are fine."""

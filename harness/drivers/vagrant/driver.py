@@ -19,30 +19,22 @@ Facts this driver relies on (measured on the project's CI machines; issue 4):
   locked!" while waiting for the boot (a known intermittent vagrant bug,
   hashicorp/vagrant#8468), and a boot under emulation can stall. A bounded
   retry (destroy, then up again) is cheaper than failing the target.
-- FreeBSD boxes are built here from the FreeBSD project's own VM images
-  (vagrant/box/freebsd.sh): Vagrant Cloud, where the public boxes lived, took no
-  new boxes after 2026-10-01 and is phased out by 2026-12-31. A FreeBSD target names its image in targets.toml
-  (``[target.freebsd]``); the image and its CHECKSUM.SHA512 file are the user's
-  download, looked for in ``IOMUX_IMAGES`` (default ~/.cache/iomux). A box the
-  user already has is still taken through ``IOMUX_BOX_<TARGET>``.
+- Boxes (which one a target runs, building those named iomux/...) are
+  ``boxes``; commands and files go over SSH (harness/drivers/ssh.py).
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import hashlib
 import json
 import os
 import re
-import shlex
 import shutil
 import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, ClassVar, Sequence
+from typing import ClassVar, Mapping, Sequence
 
 from harness.drivers.base import (
     BACKEND_PORTS,
@@ -56,25 +48,19 @@ from harness.drivers.base import (
     StepTimeout,
     Target,
     TargetError,
-    TargetUnavailable,
-    exclusive_lock,
     pid_alive,
     run_argv,
 )
+from harness.drivers.ssh import SSHTransport, last_line, shared_connection
+from harness.drivers.vagrant.boxes import (
+    ROOT,
+    STATE_ROOT,
+    VAGRANT_DIR,
+    VagrantBoxes,
+    box_override_var,
+)
 from harness.reasons import Reason
 
-ROOT = Path(__file__).resolve().parents[2]
-VAGRANT_DIR = ROOT / "vagrant"
-BOX_BUILD = VAGRANT_DIR / "box" / "build.sh"
-#: The FreeBSD box recipe: a box from FreeBSD's own VM image, no installer.
-FREEBSD_BOX_BUILD = VAGRANT_DIR / "box" / "freebsd.sh"
-#: Where FreeBSD images and their checksum files are looked for (vagrant/box/freebsd.sh too).
-IMAGES_ENV = "IOMUX_IMAGES"
-DEFAULT_IMAGES = "~/.cache/iomux"
-#: Per-run vagrant state; short, because ssh's ControlPath must fit a unix socket name.
-STATE_ROOT = Path(os.environ.get("IOMUX_VAGRANT_STATE", "/var/tmp/iomux-vagrant")) / "runs"
-#: Boxes named with this prefix are built here by vagrant/box/build.sh.
-LOCAL_BOX_PREFIX = "iomux/"
 DOMAIN_PREFIX = "iomux-"
 #: Where the Vagrantfile's rsync synced folder puts the working tree in the guest.
 GUEST_TREE = "/vagrant"
@@ -94,72 +80,6 @@ def _free_port(kind: int = socket.SOCK_STREAM) -> int:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
         return port
-
-
-def _last_line(text: str) -> str:
-    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
-    return lines[-1] if lines else "(no output)"
-
-
-def box_override_var(target: Target) -> str:
-    """The variable that hands ``target`` a box the user already has (IOMUX_BOX_FREEBSD_14)."""
-    return "IOMUX_BOX_" + target.name.upper().replace("-", "_")
-
-
-@dataclasses.dataclass(frozen=True)
-class FreeBSDImage:
-    """A FreeBSD target's VM image, as targets.toml's ``[target.freebsd]`` names it."""
-
-    version: str
-    file: str
-    checksum_file: str
-    url: str
-    sha512: str = ""
-
-    @classmethod
-    def of(cls, target: Target) -> FreeBSDImage | None:
-        """The image ``target`` is built from, or None if it names none."""
-        raw = target.options.get("freebsd")
-        if not isinstance(raw, dict):
-            return None
-        try:
-            return cls(version=str(raw["version"]), file=str(raw["image"]),
-                       checksum_file=str(raw["checksum_file"]), url=str(raw["url"]),
-                       sha512=str(raw.get("sha512", "")))
-        except KeyError as exc:
-            raise TargetError(f"{target.name}: [target.freebsd] lacks {exc.args[0]!r} "
-                              "in targets.toml") from None
-
-    @staticmethod
-    def directory() -> tuple[Path, str]:
-        """Where the image is looked for, and how to show it (``~`` kept short)."""
-        chosen = os.environ.get(IMAGES_ENV, "")
-        shown = chosen or DEFAULT_IMAGES
-        return Path(shown).expanduser(), shown
-
-    def missing_reason(self) -> str | None:
-        """None if the image and a checksum for it are here, else the one line saying where."""
-        where, shown = self.directory()
-        has_sum = bool(self.sha512) or (where / self.checksum_file).is_file()
-        if (where / self.file).is_file() and has_sum:
-            return None
-        return (f"no FreeBSD {self.version} image: put {self.file} and its CHECKSUM.SHA512 "
-                f"in {shown}, or set {IMAGES_ENV}")
-
-
-def remote_command(argv: Sequence[str], user: str | None = None) -> str:
-    """The one string ssh sends to the guest's shell for ``argv``: every word quoted.
-
-    ssh joins its arguments into a shell line on the far side, so quoting here is
-    what keeps ``"a; rm -rf /"`` one argument (issue 6)."""
-    words = list(argv)
-    if not words:
-        raise TargetError("exec: empty argv")
-    if user == "root":
-        words = ["sudo", "-n", "--", *words]
-    elif user:
-        words = ["sudo", "-n", "-u", user, "--", *words]
-    return " ".join(shlex.quote(word) for word in words)
 
 
 #: How many logs of failed ``vagrant up`` attempts /var/tmp/iomux-vagrant/failed keeps
@@ -182,17 +102,18 @@ def keep_newest(directory: Path, keep: int) -> list[Path]:
     return removed
 
 
-class VagrantDriver(Driver):
+class VagrantDriver(VagrantBoxes, SSHTransport, Driver):
     """VMs through vagrant: libvirt here (QEMU emulation), VirtualBox or libvirt elsewhere."""
 
     kind: ClassVar[str] = "vagrant"
+    #: A VM under QEMU software emulation boots in about a minute, and a boot may
+    #: be retried (UP_ATTEMPTS).
+    step_timeouts: ClassVar[Mapping[str, float]] = {"start": 1500, "healthy": 600,
+                                                    "destroy": 600}
     #: ``box``: the Vagrant box; ``freebsd``: the FreeBSD image its box is built
     #: from (FreeBSDImage); ``test_scale``: the fault suite's scale (default 0.25).
     options_required: ClassVar[frozenset[str]] = frozenset({"box"})
     options_allowed: ClassVar[frozenset[str]] = frozenset({"freebsd", "test_scale"})
-
-    def __init__(self) -> None:
-        self._box_list: str | None = None
 
     # -- availability ---------------------------------------------------------------------
 
@@ -230,117 +151,8 @@ class VagrantDriver(Driver):
             return f"libvirt check failed: {exc} (sudo make setup)"
         if ver.rc != 0:
             return Reason(f"libvirtd does not answer on {self._libvirt_uri()} (sudo make setup)",
-                          _last_line(ver.stderr))
+                          last_line(ver.stderr))
         return None
-
-    def _boxes(self) -> str:
-        if self._box_list is None:
-            res = run_argv(["vagrant", "box", "list", "--machine-readable"], 60, "vagrant box list")
-            self._box_list = res.stdout
-        return self._box_list
-
-    def box_installed(self, box: str) -> bool:
-        """Whether ``vagrant box list`` has ``box`` (any provider)."""
-        return any(line.split(",")[3:4] == [box] for line in self._boxes().splitlines()
-                   if ",box-name," in line)
-
-    def target_unavailable_reason(self, target: Target) -> str | None:
-        """A public box that is not installed is a reason; an iomux/ box is built
-        (a FreeBSD one only from the user's image: its absence is the reason)."""
-        if not target.box:
-            return f"target {target.name} names no box in targets.toml"
-        box = self.box_for(target)
-        image = FreeBSDImage.of(target)
-        if image is not None and box == target.box:
-            return None if self.box_installed(box) else image.missing_reason()
-        if box != target.box:
-            if self.box_installed(box):
-                return None
-            family = {"freebsd": "FreeBSD"}.get(target.os_family, target.os_family)
-            return (f"no {family} box {box}: not in vagrant box list "
-                    f"(vagrant box add it, or unset {box_override_var(target)})")
-        if target.box.startswith(LOCAL_BOX_PREFIX):
-            if self.box_installed(target.box) or self._local_box_cached(target):
-                return None
-            if os.geteuid() != 0:
-                return f"no box {target.box}: building it needs root (run as root)"
-            if shutil.which("debootstrap") is None:
-                return f"no box {target.box}: debootstrap missing (apt-get install debootstrap)"
-            return None
-        if not self.box_installed(target.box):
-            family = {"freebsd": "FreeBSD"}.get(target.os_family, target.os_family)
-            return f"no {family} box: vagrant box list has no {target.box}"
-        return None
-
-    def box_for(self, target: Target) -> str:
-        """The box ``target`` runs: the user's through IOMUX_BOX_<TARGET>, else targets.toml's."""
-        return os.environ.get(box_override_var(target), "") or target.box or ""
-
-    # -- build ----------------------------------------------------------------------------
-
-    def _local_box_cached(self, target: Target) -> bool:
-        res = run_argv([str(BOX_BUILD), "--check"], 60, f"{target.name}: box check",
-                       env=self._box_env(target))
-        return res.rc == 0
-
-    def _box_env(self, target: Target) -> dict[str, str]:
-        return {**os.environ, "IOMUX_BOX_NAME": target.box or ""}
-
-    def build(self, target: Target, timeout: float) -> dict[str, Any]:
-        """Build (or find cached) an iomux/ box; public boxes are used as installed."""
-        began = time.monotonic()
-        image = FreeBSDImage.of(target)
-        if image is not None and self.box_for(target) == target.box:
-            return self._build_freebsd(target, image, timeout)
-        if self.box_for(target) != target.box:
-            return {"cached": True, "seconds": 0.0, "box": self.box_for(target)}
-        if not (target.box or "").startswith(LOCAL_BOX_PREFIX):
-            return {"cached": True, "seconds": 0.0, "box": target.box}
-        # One builder at a time across xdist workers; the others then find it cached.
-        with exclusive_lock(STATE_ROOT / "box.lock", timeout):
-            if self._local_box_cached(target):
-                return {"cached": True, "seconds": round(time.monotonic() - began, 1),
-                        "box": target.box}
-            left = max(1.0, timeout - (time.monotonic() - began))
-            res = run_argv([str(BOX_BUILD)], left, f"{target.name}: box build",
-                           env=self._box_env(target))
-            self._box_list = None
-            if res.rc != 0:
-                raise TargetError(f"{target.name}: box build failed: {_last_line(res.stderr or res.stdout)}")
-        return {"cached": False, "seconds": round(time.monotonic() - began, 1), "box": target.box,
-                "log": res.stdout.strip().splitlines()[-3:]}
-
-    def _freebsd_env(self, target: Target, image: FreeBSDImage) -> dict[str, str]:
-        return {**os.environ, "IOMUX_BOX_NAME": target.box or "",
-                "IOMUX_IMAGES": str(image.directory()[0]), "IOMUX_FREEBSD_SHA512": image.sha512}
-
-    def _build_freebsd(self, target: Target, image: FreeBSDImage, timeout: float) -> dict[str, Any]:
-        """vagrant/box/freebsd.sh VERSION: verify the image, build and add the box (cached).
-
-        Without the image an installed box of the name is used as it is: the
-        recipe cannot tell whether it is current, and nothing here could rebuild it."""
-        began = time.monotonic()
-        box = target.box or ""
-        with exclusive_lock(STATE_ROOT / "box.lock", timeout):
-            if image.missing_reason() is not None:
-                if self.box_installed(box):
-                    return {"cached": True, "seconds": 0.0, "box": box,
-                            "image": "absent; the installed box is used as it is"}
-                raise TargetUnavailable(f"{target.name}: {image.missing_reason()}")
-            env = self._freebsd_env(target, image)
-            check = run_argv([str(FREEBSD_BOX_BUILD), image.version, "--check"], 120,
-                             f"{target.name}: box check", env=env)
-            if check.rc == 0:
-                return {"cached": True, "seconds": round(time.monotonic() - began, 1), "box": box}
-            left = max(1.0, timeout - (time.monotonic() - began))
-            res = run_argv([str(FREEBSD_BOX_BUILD), image.version], left,
-                           f"{target.name}: box build", env=env)
-            self._box_list = None
-            if res.rc != 0:
-                raise TargetError(f"{target.name}: box build failed: "
-                                  f"{_last_line(res.stderr or res.stdout)}")
-        return {"cached": False, "seconds": round(time.monotonic() - began, 1), "box": box,
-                "image": image.file, "log": res.stdout.strip().splitlines()[-3:]}
 
     # -- start ----------------------------------------------------------------------------
 
@@ -420,7 +232,7 @@ class VagrantDriver(Driver):
                     instance.data["up_seconds"] = round(time.monotonic() - began, 1)
                     self._write_ssh_config(instance)
                     return instance
-                last = f"vagrant up failed (exit {res.rc}): {_last_line(res.stderr or res.stdout)}"
+                last = f"vagrant up failed (exit {res.rc}): {last_line(res.stderr or res.stdout)}"
                 (Path(instance.data["dir"]) / "up.log").write_text(res.stdout + res.stderr)
             except StepTimeout as exc:
                 last = str(exc)
@@ -449,7 +261,7 @@ class VagrantDriver(Driver):
                             "vagrant provision")
         if res.rc != 0:
             raise TargetError(f"{instance.target.name}: vagrant provision failed: "
-                              f"{_last_line(res.stderr or res.stdout)}")
+                              f"{last_line(res.stderr or res.stdout)}")
         return self._provision_line(res.stdout)
 
     def _write_ssh_config(self, instance: Instance) -> None:
@@ -457,24 +269,17 @@ class VagrantDriver(Driver):
                             "vagrant ssh-config")
         if res.rc != 0:
             raise TargetError(f"{instance.target.name}: vagrant ssh-config failed: "
-                              f"{_last_line(res.stderr)}")
+                              f"{last_line(res.stderr)}")
         run_dir = Path(instance.data["dir"])
-        # One connection for every command: the handshake under emulation costs
-        # about a second; ControlPersist keeps the master after the first exec.
-        # The socket lives at a short fixed-length path: ssh appends 17 characters
-        # while it sets the master up, and a unix socket path must fit 108 bytes
-        # (a long run id made ssh fail with exit 255 and, at LogLevel FATAL, no word).
-        digest = hashlib.sha256(str(run_dir).encode()).hexdigest()[:16]
-        control = f"/tmp/iomux-ssh-{digest}"
+        config, control = shared_connection(res.stdout, str(run_dir))
         instance.data["control_path"] = control
-        extra = (f"  ControlMaster auto\n  ControlPath {control}\n  ControlPersist 600\n"
-                 "  ServerAliveInterval 15\n  ConnectTimeout 30\n")
-        config = re.sub(r"^(Host .*\n)", lambda m: m.group(1) + extra, res.stdout, count=1,
-                        flags=re.M)
-        config = config.replace("LogLevel FATAL", "LogLevel ERROR")
         path = run_dir / "ssh_config"
         path.write_text(config)
         instance.data["ssh_config"] = str(path)
+
+    def ssh_host(self, instance: Instance) -> str:
+        """The machine's name: the Host of ``vagrant ssh-config``."""
+        return str(instance.data["machine"])
 
     # -- use ------------------------------------------------------------------------------
 
@@ -491,41 +296,8 @@ class VagrantDriver(Driver):
                 if time.monotonic() > deadline:
                     raise StepTimeout(f"{instance.target.name}: healthy: echo server ({backend}) on "
                                       f"{host}:{port} did not answer within {timeout:g}s: "
-                                      f"{_last_line(res.stderr or res.stdout)}")
+                                      f"{last_line(res.stderr or res.stdout)}")
                 time.sleep(2)
-
-    def _ssh_argv(self, instance: Instance) -> list[str]:
-        config = instance.data.get("ssh_config")
-        if not config:
-            raise TargetError(f"{instance.target.name}: not started (no ssh_config)")
-        return ["ssh", "-F", config, instance.data["machine"]]
-
-    def exec(self, instance: Instance, argv: Sequence[str], timeout: float,
-             user: str | None = None) -> ExecResult:
-        """Run ``argv`` in the guest over the shared SSH connection, every word quoted."""
-        res = run_argv([*self._ssh_argv(instance), "--", remote_command(argv, user)], timeout,
-                       f"{instance.target.name}: exec {argv[0] if argv else ''}")
-        return ExecResult(argv=list(argv), rc=res.rc, stdout=res.stdout, stderr=res.stderr)
-
-    def testinfra_spec(self, instance: Instance) -> tuple[str, dict[str, Any]]:
-        """testinfra's paramiko-free ``ssh://`` backend with our ssh_config (same master)."""
-        return (f"ssh://{instance.data['machine']}",
-                {"ssh_config": instance.data["ssh_config"]})
-
-    def copy_from(self, instance: Instance, path: str, dest: Path, timeout: float) -> Path:
-        """``cat`` the file over SSH into ``dest`` (bytes, not text)."""
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        argv = [*self._ssh_argv(instance), "--", remote_command(["cat", "--", path])]
-        try:
-            with open(dest, "wb") as out:
-                proc = subprocess.run(argv, stdout=out, stderr=subprocess.PIPE, timeout=timeout,
-                                      check=False)
-        except subprocess.TimeoutExpired as exc:
-            raise StepTimeout(f"{instance.target.name}: copy {path}: timed out after {timeout:g}s") from exc
-        if proc.returncode != 0:
-            raise TargetError(f"{instance.target.name}: copy {path} failed: "
-                              f"{_last_line(proc.stderr.decode(errors='replace'))}")
-        return dest
 
     def save_logs(self, instance: Instance, dest: Path) -> list[Path]:
         """The guest's serial console (from the host) and, if SSH still works, dmesg."""
@@ -554,11 +326,7 @@ class VagrantDriver(Driver):
         run_dir = Path(instance.data["dir"])
         if not run_dir.exists():
             return
-        config = instance.data.get("ssh_config")
-        if config and Path(config).exists():
-            with contextlib.suppress(StepTimeout, TargetError):
-                run_argv(["ssh", "-F", config, "-O", "exit", instance.data["machine"]], 15,
-                         "ssh -O exit")
+        self.close_shared_connection(instance)
         try:
             self._vagrant(instance, ["destroy", "-f", instance.data["machine"]], timeout,
                           "vagrant destroy")
