@@ -333,7 +333,8 @@ class Harness:
             if target.name not in self.not_run and target.kind not in drivers:
                 with contextlib.suppress(UnknownKind, DriverUnavailable):
                     drivers[target.kind] = get_driver(target.kind)
-        self.swept = sweep_leftovers(drivers, stale, self.events)
+        running = [t for t in self.selected if t.name not in self.not_run]
+        self.swept = sweep_leftovers(drivers, stale, self.events, running)
 
     def start_view(self) -> None:
         """Start the live progress view."""
