@@ -225,6 +225,67 @@ def test_sweep_leftovers_gives_each_driver_its_kinds_targets() -> None:
     assert driver.given == [(None, ["a", "b"]), ("r1", ["a"])]
 
 
+# -- a target on an engine of another machine -----------------------------------
+
+
+class FakeContainer:
+    """A started container whose requested ports are published as asked."""
+
+    def __init__(self, ports: dict[str, tuple[str, None]]) -> None:
+        self.id, self.status = "c0ffee", "running"
+        self.attrs = {"NetworkSettings": {"Ports": {
+            port: [{"HostIp": ip, "HostPort": str(40000 + n)}]
+            for n, (port, (ip, _)) in enumerate(sorted(ports.items()))}}}
+
+    def reload(self) -> None:
+        pass
+
+
+class FakeRunClient:
+    """Just enough of an engine's client for ``DockerDriver.start``."""
+
+    def __init__(self) -> None:
+        self.networks = self.containers = self
+        self.ports: dict[str, tuple[str, None]] = {}
+
+    def create(self, *_args: Any, **_kwargs: Any) -> None:
+        pass
+
+    def run(self, *_args: Any, ports: dict[str, tuple[str, None]], **_kwargs: Any) -> Any:
+        self.ports = ports
+        return FakeContainer(ports)
+
+
+def test_a_remote_engine_publishes_and_is_reached_on_its_host(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    url = "tcp://192.0.2.7:2375"
+    target = dataclasses.replace(_target(docker_host=url), backends=("select", "epoll"))
+    driver = DockerDriver()
+    client = FakeRunClient()
+    monkeypatch.setattr(driver, "_client_of", lambda engine: client)
+    instance = driver.start(target, "run-1", "gw0", timeout=10)
+    assert {ip for ip, _ in client.ports.values()} == {"192.0.2.7"}
+    assert {host for host, _ in instance.echo_ports.values()} == {"192.0.2.7"}
+    assert driver.echo_address(instance, "epoll")[0] == "192.0.2.7"
+    assert driver.published_host(target) == "192.0.2.7"
+    # testinfra runs the docker CLI on the same engine
+    spec, kwargs = driver.testinfra_spec(instance)
+    assert spec == f"iomux-docker://{instance.resource_name}"
+    assert kwargs == {"docker_cli": ("--host", url)}
+    import testinfra
+
+    host = testinfra.get_host(spec, **kwargs)
+    ran: list[str] = []
+
+    def run_local(command: str, *args: str) -> Any:
+        ran.append(command % args)
+        return host.backend.result(0, b"", b"", b"")
+
+    monkeypatch.setattr(host.backend, "run_local", run_local)
+    host.run("id -u")
+    assert ran and ran[0].startswith(f"docker --host {url} exec {instance.resource_name} ")
+
+
 # -- a real second engine --------------------------------------------------------
 
 
