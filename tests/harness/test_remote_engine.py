@@ -358,8 +358,9 @@ def second_engine() -> Iterator[SecondEngine]:
     - ``--bridge=none`` must not be used: a dockerd without a default bridge
       *deletes the link named docker0* when it starts (removeDefaultBridgeInterface),
       which is the main engine's. It gets a bridge of its own instead, made here
-      (``--bridge`` takes only an existing link), and addresses from a pool of its
-      own, so that neither engine hands out a subnet the other uses.
+      (``--bridge=NAME`` takes only an existing link: "bridge device with non
+      default name NAME must be created manually"), and addresses from a pool of
+      its own, so that neither engine hands out a subnet the other uses.
     - ``--iptables=false --ip6tables=false --ip-forward=false --ip-masq=false``:
       it leaves the host's firewall and sysctls as they are (the main engine's
       DOCKER chains stay the main engine's). Published ports on 127.0.0.1 still
