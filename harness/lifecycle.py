@@ -237,12 +237,15 @@ def _destroy_leftovers() -> None:
 
 
 def sweep_leftovers(drivers: Mapping[str, Driver], stale_runs: Sequence[str] | None,
-                    events: EventLog | None = None) -> dict[str, list[str]]:
+                    events: EventLog | None = None,
+                    targets: Sequence[Target] = ()) -> dict[str, list[str]]:
     """The ``sweep`` step: each driver removes labelled resources of earlier runs.
 
     ``stale_runs`` None means no other run is alive, so everything labelled as ours
     goes; otherwise only the resources of those (dead) runs do, so that a sweep
     never pulls a container from under another engineer's run that is still going.
+    Each driver is given the run's ``targets`` of its kind (a docker target may
+    name its own engine, which is swept too).
     Returns kind -> what was removed (errors are one line each, never raised)."""
     removed: dict[str, list[str]] = {}
     timeout = STEPS["sweep"].timeout
@@ -250,13 +253,15 @@ def sweep_leftovers(drivers: Mapping[str, Driver], stale_runs: Sequence[str] | N
         if events is not None:
             events.phase(f"<{kind}>", "sweeping")
         found: list[str] = []
+        of_kind = [t for t in targets if t.kind == kind]
         try:
             if stale_runs is None:
-                found += call_with_timeout(f"sweep {kind}", timeout, driver.sweep, grace=GRACE)
+                found += call_with_timeout(f"sweep {kind}", timeout, functools.partial(
+                    driver.sweep, None, of_kind), grace=GRACE)
             else:
                 for run in stale_runs:
-                    found += call_with_timeout(f"sweep {kind}", timeout,
-                                               functools.partial(driver.sweep, run), grace=GRACE)
+                    found += call_with_timeout(f"sweep {kind}", timeout, functools.partial(
+                        driver.sweep, run, of_kind), grace=GRACE)
         except Exception as exc:
             found.append(f"sweep failed: {base.one_line(exc, limit=None)}")
         removed[kind] = found

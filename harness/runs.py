@@ -142,11 +142,13 @@ def sweep_dead_runs(live: LiveRun, selected: Sequence[Target], not_run: Mapping[
                     events: EventLog) -> dict[str, list[str]]:
     """The sweep step, once per run: register ``live`` as alive, then remove the
     leftovers of the dead runs (of every run, when no other is alive) for each kind
-    of ``selected`` that will run. Returns what each kind's sweep removed."""
+    of ``selected`` that will run (each driver is given those targets of its kind:
+    a docker target's own engine is swept too). Returns what each kind's sweep removed."""
     stale = live.register()
     drivers: dict[str, Driver] = {}
     for target in selected:
         if target.name not in not_run and target.kind not in drivers:
             with contextlib.suppress(UnknownKind, DriverUnavailable):
                 drivers[target.kind] = get_driver(target.kind)
-    return sweep_leftovers(drivers, stale, events)
+    running = [t for t in selected if t.name not in not_run]
+    return sweep_leftovers(drivers, stale, events, running)

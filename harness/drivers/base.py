@@ -204,10 +204,12 @@ class Driver(abc.ABC):
         return None
 
     @abc.abstractmethod
-    def sweep(self, run_id: str | None = None) -> list[str]:
+    def sweep(self, run_id: str | None = None, targets: Sequence[Target] = ()) -> list[str]:
         """Remove resources labelled as ours (only those of ``run_id`` when given).
 
-        Returns what was removed, for the log."""
+        ``targets`` are the run's targets of this kind: a kind whose resources
+        live in more than one place (a docker target's own engine) sweeps each
+        place they name as well. Returns what was removed, for the log."""
 
     @abc.abstractmethod
     def build(self, target: Target, timeout: float) -> dict[str, Any]:

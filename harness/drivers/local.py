@@ -109,7 +109,7 @@ class LocalDriver(Driver):
         env[ENV_RUN] = run_id
         return env
 
-    def sweep(self, run_id: str | None = None) -> list[str]:
+    def sweep(self, run_id: str | None = None, targets: Sequence[Target] = ()) -> list[str]:
         """Kill our servers left by an earlier run (Linux: found through /proc)."""
         removed: list[str] = []
         proc_root = Path("/proc")

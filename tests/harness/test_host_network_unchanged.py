@@ -9,7 +9,9 @@ The machine is shared: a Docker engine that other runs use at the same time
 adds its own bridges (``br-<id>``), the veths enslaved to them and its DOCKER
 chains whenever a container network comes or goes, and the host fault suite
 (tests/faults/test_network_faults.py) makes its own namespace and veth pair
-(``iomuxf-<pid>-<n>``, ``iofh<pid><n>``) for its black hole. Only those,
+(``iomuxf-<pid>-<n>``, ``iofh<pid><n>``) for its black hole, and the second
+Docker engine of tests/harness/test_remote_engine.py has a bridge of its own
+(``iomuxe2<8 hex>``) while it runs. Only those,
 recognised by their owners' names, are left out of the comparison; anything
 else that changes fails the test.
 """
@@ -30,8 +32,10 @@ from harness.targets import load
 
 pytestmark = pytest.mark.slow
 NAMES = ["gvisor-2022", "gvisor-2024", "uml-6-1", "uml-6-12"]
-#: Docker's bridges and veths, the host fault suite's veths; Docker's chains and rules.
-_OTHERS_LINK = re.compile(r"^\d+: (br-[0-9a-f]{12}|veth[0-9a-f]{7}|iofh\d+)(@\S+)?: ")
+#: Docker's bridges and veths, the host fault suite's veths, the second engine's bridge;
+#: Docker's chains and rules.
+_OTHERS_LINK = re.compile(r"^\d+: (br-[0-9a-f]{12}|veth[0-9a-f]{7}|iofh\d+|iomuxe2[0-9a-f]{8})"
+                          r"(@\S+)?: ")
 _FAULT_NETNS = re.compile(r"^iomuxf-\d+-\d+$")
 _DOCKER_RULE = re.compile(r"docker|DOCKER|br-[0-9a-f]{12}")
 #: Docker's hairpin NAT for a published port of a container on a user-defined network

@@ -399,7 +399,7 @@ class _SlowStart(Driver):
     def unavailable_reason(self) -> str | None:
         return None
 
-    def sweep(self, run_id: str | None = None) -> list[str]:
+    def sweep(self, run_id: str | None = None, targets: Sequence[Target] = ()) -> list[str]:
         return []
 
     def build(self, target: Target, timeout: float) -> dict[str, Any]:

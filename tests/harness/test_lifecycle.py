@@ -47,7 +47,7 @@ class FakeDriver(Driver):
     def unavailable_reason(self) -> str | None:
         return None
 
-    def sweep(self, run_id: str | None = None) -> list[str]:
+    def sweep(self, run_id: str | None = None, targets: Sequence[Target] = ()) -> list[str]:
         self._call("sweep")
         return [f"thing-of-{run_id or 'any'}"]
 

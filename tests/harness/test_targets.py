@@ -225,7 +225,7 @@ def test_a_missing_required_key_is_one_line(tmp_path: Path, kind: str, extra: st
 def test_each_kind_takes_the_keys_its_driver_reads() -> None:
     from harness.drivers import driver_class
     from harness.drivers.base import COMMON_KEYS, Target, TargetError
-    takes = {"docker": {"offline", "docker_host"}, "vagrant": {"freebsd", "test_scale"},
+    takes = {"docker": {"offline", "docker_host", "docker_context"}, "vagrant": {"freebsd", "test_scale"},
              "gvisor": {"userland", "test_scale", "runsc_flags"},
              "uml": {"userland", "test_scale", "mem"}, "local": set()}
     for kind, keys in takes.items():

@@ -1,15 +1,19 @@
 """The ``docker`` target kind: Linux containers through the Docker SDK.
 
-Everything goes through the SDK (``docker.from_env()``, which honours
-DOCKER_HOST; a target may name its own engine with ``docker_host`` in
-targets.toml): no shell strings anywhere. Commands run inside a container are
-argv lists given to ``exec_run`` (``transport``: commands, files, logs).
+Everything goes through the SDK: no shell strings anywhere. Commands run inside
+a container are argv lists given to ``exec_run``. A target runs on the engine
+``engines.resolve_engine`` gives it (its ``docker_host`` or
+``docker_context`` in targets.toml, else the default one); each engine has its own
+client and image builder, and the sweep visits every engine the run's targets name.
+``transport`` holds commands, files and logs.
 
 Facts about the engine this relies on:
 
 - A port published with an empty HostPort gets one chosen by the engine; it is
   read back from the container's NetworkSettings after start (no racy "find a
-  free port" on the host). HostIp 127.0.0.1 keeps it off every other interface.
+  free port" on the host). It is bound on the engine's machine: HostIp 127.0.0.1
+  keeps a local engine's off every other interface; a remote engine's is on its
+  host (``Engine.bind_address``, ``Engine.published_host``).
 - Docker's userland proxy sits between a published port and the container:
   it accepts a connection even when nothing listens inside and it distorts
   half-close, so kernel behaviour is judged only by the in-guest suite.
@@ -24,7 +28,7 @@ import json
 import re
 import threading
 import time
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Sequence
 
 from harness import reasons
 from harness.drivers.base import (
@@ -56,6 +60,7 @@ from harness.drivers.docker.engine import (
     remove_container,
     sweep_engine,
 )
+from harness.drivers.docker.engines import Engine, engines_of, resolve_engine
 from harness.drivers.docker.images import BuildResult, ImageBuilder
 from harness.drivers.docker.transport import ContainerTransport, serve_log
 from harness.reasons import Reason
@@ -79,9 +84,11 @@ class DockerDriver(ContainerTransport, Driver):
     #: Docker's userland proxy (see the module docstring).
     ports_proxied: ClassVar[bool] = True
     #: ``image``: the registry base image; ``offline``: its debootstrap recipe
-    #: (docker/base_images.py); ``docker_host``: the engine, if not the default one.
+    #: (docker/base_images.py); ``docker_host`` or ``docker_context``: the engine,
+    #: if not the default one (docker/engines.py).
     options_required: ClassVar[frozenset[str]] = frozenset({"image"})
-    options_allowed: ClassVar[frozenset[str]] = frozenset({"offline", "docker_host"})
+    options_allowed: ClassVar[frozenset[str]] = frozenset({"offline", "docker_host",
+                                                                 "docker_context"})
 
     def __init__(self, log: Any = None) -> None:
         self._clients: dict[str, Any] = {}
@@ -93,26 +100,33 @@ class DockerDriver(ContainerTransport, Driver):
 
     # -- the engine --------------------------------------------------------
 
+    def engine(self, target: Target | None = None) -> Engine:
+        """``target``'s engine (the default one for None); see docker/engines.py."""
+        return resolve_engine(target)
+
     def client(self, target: Target | None = None) -> Any:
-        """The SDK client for ``target``'s engine (``docker_host`` option, else the
-        environment: DOCKER_HOST, DOCKER_TLS_VERIFY, DOCKER_CERT_PATH)."""
-        docker = docker_sdk()
-        host = str(target.options.get("docker_host", "")) if target is not None else ""
+        """The SDK client for ``target``'s engine, one per engine."""
+        return self._client_of(self.engine(target))
+
+    def _client_of(self, engine: Engine) -> Any:
         with self._lock:
-            if host not in self._clients:
-                if host:
-                    self._clients[host] = docker.DockerClient(base_url=host, timeout=120)
-                else:
-                    self._clients[host] = docker.from_env(timeout=120)
-            return self._clients[host]
+            if engine.base_url not in self._clients:
+                self._clients[engine.base_url] = engine.client(timeout=120)
+            return self._clients[engine.base_url]
 
     def builder(self, target: Target) -> ImageBuilder:
         """The image builder of ``target``'s engine."""
-        key = str(target.options.get("docker_host", ""))
+        engine = self.engine(target)
         with self._lock:
-            if key not in self._builders:
-                self._builders[key] = ImageBuilder(self.client(target), log=self._log)
-            return self._builders[key]
+            if engine.base_url not in self._builders:
+                self._builders[engine.base_url] = ImageBuilder(self._client_of(engine),
+                                                               log=self._log)
+            return self._builders[engine.base_url]
+
+    def published_host(self, target: Target) -> str:
+        """Where this machine reaches ``target``'s published ports: 127.0.0.1 for an
+        engine on this machine, else the engine's host."""
+        return self.engine(target).published_host
 
     def unavailable_reason(self) -> str | None:
         """None when the SDK is installed and the engine answers a ping."""
@@ -128,16 +142,39 @@ class DockerDriver(ContainerTransport, Driver):
         return None
 
     def target_unavailable_reason(self, target: Target) -> str | None:
-        """``"no image: ..."`` when neither a registry nor an offline recipe can give
+        """Why the target's own engine (when it names one) does not answer, or
+        ``"no image: ..."`` when neither a registry nor an offline recipe can give
         this target a base image (Alpine here)."""
+        try:
+            engine = self.engine(target)
+        except TargetError as exc:
+            return Reason(str(exc))
+        if engine.label != "default":  # the default one is unavailable_reason's
+            try:
+                self._client_of(engine).ping()
+            except Exception as exc:  # refused, no socket, TLS, ssh...
+                return Reason(f"no Docker engine at {engine.label} (start it, or fix "
+                              f"the target's docker_host/docker_context)",
+                              f"{type(exc).__name__}: {exc}")
         return self.builder(target).base_unavailable_reason(target)
 
     # -- lifecycle ---------------------------------------------------------
 
-    def sweep(self, run_id: str | None = None) -> list[str]:
-        """Remove our containers and networks (all of ``run_id``'s, or those whose
-        owner process died) and, without a run id, our dangling images."""
-        return sweep_engine(self.client(), run_id)
+    def sweep(self, run_id: str | None = None, targets: Sequence[Target] = ()) -> list[str]:
+        """On the default engine and every engine ``targets`` name, remove our
+        containers and networks (all of ``run_id``'s, or those whose owner process
+        died) and, without a run id, our dangling images. An engine that does not
+        answer is one line of the result, not a failure."""
+        engines, removed = engines_of(targets)
+        for engine in engines:
+            try:
+                found = sweep_engine(self._client_of(engine), run_id)
+            except Exception as exc:  # refused, no socket, TLS, ssh...
+                removed.append(f"engine {engine.label}: not swept: {one_line(exc)}")
+                continue
+            where = "" if engine.label == "default" else f" (engine {engine.label})"
+            removed += [f"{what}{where}" for what in found]
+        return removed
 
     def build(self, target: Target, timeout: float) -> dict[str, Any]:
         """Build (or find cached) ``iomux/<target>:<content hash>``."""
@@ -153,14 +190,16 @@ class DockerDriver(ContainerTransport, Driver):
     def start(self, target: Target, run_id: str, worker: str, timeout: float) -> Instance:
         """Run the target's image hardened: non-root, read-only root with a tmpfs
         /tmp, no capabilities, no-new-privileges, a pids limit, ports on
-        127.0.0.1 only with host ports chosen by the engine."""
+        127.0.0.1 only (a remote engine's: on its host) with host ports chosen by
+        the engine."""
         errors = docker_errors()
-        client = self.client(target)
+        engine = self.engine(target)
+        client = self._client_of(engine)
         name = docker_name(target.name, run_id, worker)
         labels = {LABEL_PROJECT: PROJECT, LABEL_RUN: run_id, LABEL_WORKER: worker,
                   LABEL_OWNER: owner_label(), "io.iomux.target": target.name}
         backends = ["auto", *(b for b in target.backends if b in BACKEND_PORTS and b != "auto")]
-        ports = {f"{BACKEND_PORTS[b]}/tcp": ("127.0.0.1", None) for b in backends}
+        ports = {f"{BACKEND_PORTS[b]}/tcp": (engine.bind_address, None) for b in backends}
         # What the cross-OS suites read (tests/cross_os): where the in-guest suite
         # and its interpreter are, a writable directory, and per backend the
         # port and pid of its server inside the container (filled by wait_healthy).
@@ -208,11 +247,12 @@ class DockerDriver(ContainerTransport, Driver):
             raise
         for backend in backends:
             binding = bound[f"{BACKEND_PORTS[backend]}/tcp"][0]
-            instance.echo_ports[backend] = ("127.0.0.1", int(binding["HostPort"]))
+            instance.echo_ports[backend] = (engine.published_host, int(binding["HostPort"]))
         return instance
 
     def echo_address(self, instance: Instance, backend: str = "auto") -> tuple[str, int]:
-        """127.0.0.1 and the host port published for ``backend``'s container port."""
+        """The engine's published host (127.0.0.1 for a local one) and the host port
+        published for ``backend``'s container port."""
         try:
             return instance.echo_ports[backend]
         except KeyError:
@@ -274,7 +314,7 @@ class DockerDriver(ContainerTransport, Driver):
     def start_backend_server(self, instance: Instance, backend: str,
                              timeout: float = 30.0) -> tuple[str, int]:
         """Start ``iomux serve --backend B`` on B's own port, detached, and wait for
-        its ready file; return its published (127.0.0.1, host port)."""
+        its ready file; return its published (host, port)."""
         if backend == "auto":
             return self.echo_address(instance, "auto")
         exec_id = self._launch_backend(instance, backend)

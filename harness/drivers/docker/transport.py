@@ -27,6 +27,7 @@ from harness.drivers.base import (
     one_line,
 )
 from harness.drivers.docker.engine import docker_errors, read_archive
+from harness.drivers.docker.engines import resolve_engine
 
 #: `timeout` exits 124 when the command timed out, 137 when it had to SIGKILL.
 TIMEOUT_CODES = (124, 137)
@@ -85,8 +86,14 @@ class ContainerTransport:
 
     def testinfra_spec(self, instance: Instance) -> tuple[str, dict[str, Any]]:
         """testinfra's docker backend (it runs the docker CLI, which honours
-        DOCKER_HOST like the SDK)."""
-        return f"docker://{instance.resource_name}", {}
+        DOCKER_HOST like the SDK); on a target's own engine, the same backend
+        told that engine (harness.drivers.docker.testinfra_backend)."""
+        engine = resolve_engine(instance.target)
+        if not engine.cli_args:
+            return f"docker://{instance.resource_name}", {}
+        from harness.drivers.docker.testinfra_backend import register
+
+        return f"{register()}://{instance.resource_name}", {"docker_cli": engine.cli_args}
 
     def copy_from(self, instance: Instance, path: str, dest: Path, timeout: float) -> Path:
         """Copy one file out with ``get_archive`` (a tar stream of that file),

@@ -353,7 +353,7 @@ class VagrantDriver(VagrantBoxes, SSHTransport, Driver):
             removed.append(f"libvirt domain {name}")
         return removed
 
-    def sweep(self, run_id: str | None = None) -> list[str]:
+    def sweep(self, run_id: str | None = None, targets: Sequence[Target] = ()) -> list[str]:
         """Destroy VMs of earlier runs: their run directories first, then stray domains."""
         removed: list[str] = []
         if STATE_ROOT.is_dir():
