@@ -93,10 +93,11 @@ def phases(events: EventLog) -> list[str]:
 
 
 def test_the_declared_sequence() -> None:
-    assert [s.name for s in SEQUENCE] == ["sweep", "build", "start", "healthy", "test",
-                                          "logs", "destroy"]
+    assert [s.name for s in SEQUENCE] == ["sweep", "attach", "build", "start", "healthy",
+                                          "test", "logs", "keep", "destroy"]
     assert {s.name: s.where for s in SEQUENCE}["sweep"] == "controller"
     assert {s.name: s.when for s in SEQUENCE}["logs"] == "on-failure"
+    assert {s.when for s in SEQUENCE} <= set(lifecycle.WHEN)
 
 
 def test_passing_target_runs_in_order_and_is_destroyed(tmp_path: Path) -> None:
