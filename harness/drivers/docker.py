@@ -32,7 +32,7 @@ import tarfile
 import threading
 import time
 from pathlib import Path
-from typing import Any, ClassVar, Sequence
+from typing import Any, ClassVar, Collection, Sequence
 
 from harness import reasons
 from harness.drivers.base import (
@@ -121,6 +121,12 @@ class DockerDriver(Driver):
     """Linux container targets on a Docker engine."""
 
     kind: ClassVar[str] = "docker"
+    keepable: ClassVar[bool] = True
+    #: What an image is built from (harness/images.py's content hash covers the same,
+    #: less the guest's wheels, which follow the target's Python in targets.toml).
+    kept_inputs: ClassVar[tuple[str, ...]] = (
+        "pyproject.toml", "README.md", "iomux", "tests/server", "tests/faults",
+        "docker/Dockerfile", "harness/images.py")
 
     def __init__(self, log: Any = None) -> None:
         self._clients: dict[str, Any] = {}
@@ -173,17 +179,24 @@ class DockerDriver(Driver):
 
     # -- lifecycle ---------------------------------------------------------
 
-    def sweep(self, run_id: str | None = None) -> list[str]:
+    def sweep_sparing(self, spare: Collection[str], run_id: str | None = None) -> list[str]:
+        """``sweep``, leaving the containers (and networks) named in ``spare``."""
+        return self.sweep(run_id, spare)
+
+    def sweep(self, run_id: str | None = None, spare: Collection[str] = ()) -> list[str]:
         """Remove our containers and networks (all of ``run_id``'s, or those whose
-        owner process died) and, without a run id, our dangling images."""
+        owner process died; never those named in ``spare``) and, without a run id,
+        our dangling images."""
         errors = docker_errors()
         client = self.client()
         labels = [f"{LABEL_PROJECT}={PROJECT}"]
         if run_id is not None:
             labels.append(f"{LABEL_RUN}={run_id}")
 
-        def doomed(obj_labels: dict[str, str] | None) -> bool:
+        def doomed(obj_labels: dict[str, str] | None, name: str) -> bool:
             obj_labels = obj_labels or {}
+            if name in spare:
+                return False  # a kept target (harness.kept_targets)
             if run_id is not None:
                 return True
             owner = obj_labels.get(LABEL_OWNER)
@@ -191,10 +204,10 @@ class DockerDriver(Driver):
 
         removed: list[str] = []
         for container in client.containers.list(all=True, filters={"label": labels}):
-            if doomed(container.labels) and remove_container(container):
+            if doomed(container.labels, container.name) and remove_container(container):
                 removed.append(f"container {container.name}")
         for network in client.networks.list(filters={"label": labels}):
-            if doomed(network.attrs.get("Labels")):
+            if doomed(network.attrs.get("Labels"), network.name):
                 try:
                     network.remove()
                     removed.append(f"network {network.name}")
@@ -288,6 +301,42 @@ class DockerDriver(Driver):
         for backend in backends:
             binding = bound[f"{BACKEND_PORTS[backend]}/tcp"][0]
             instance.echo_ports[backend] = ("127.0.0.1", int(binding["HostPort"]))
+        return instance
+
+    def attach(self, kept: Instance, timeout: float) -> Instance | None:
+        """Take over a kept container: still running under its name, ours and of this
+        target; its echo ports read again from its published ports. A backend server
+        that no longer answers loses its ready file, so wait_healthy starts it again."""
+        errors = docker_errors()
+        try:
+            container = self.client(kept.target).containers.get(kept.resource_name)
+        except errors.NotFound:
+            return None
+        labels = container.labels or {}
+        if (container.status != "running" or labels.get(LABEL_PROJECT) != PROJECT
+                or labels.get("io.iomux.target") != kept.target.name):
+            return None
+        bound = container.attrs["NetworkSettings"]["Ports"] or {}
+        instance = Instance(target=kept.target, run_id=kept.run_id,
+                            resource_name=kept.resource_name,
+                            data={**kept.data, "container_id": container.id,
+                                  "guest_ports": {}, "server_pids": {}})
+        for backend in kept.data.get("backends", ["auto"]):
+            binding = bound.get(f"{BACKEND_PORTS[backend]}/tcp") or []
+            if not binding:
+                return None
+            instance.echo_ports[backend] = ("127.0.0.1", int(binding[0]["HostPort"]))
+        deadline = time.monotonic() + timeout
+        for backend in instance.echo_ports:
+            if backend == "auto" or not self._read_ready(instance, backend,
+                                                         BACKEND_PORTS[backend]):
+                continue
+            check = self.exec(instance, ["iomux", "check", f"127.0.0.1:{BACKEND_PORTS[backend]}",
+                                         "--timeout", "2"],
+                              max(5.0, min(10.0, deadline - time.monotonic())))
+            if check.rc != 0:
+                self.exec(instance, ["rm", "-f", _ready_file(backend)], 10)
+        instance.data["guest_ports"], instance.data["server_pids"] = {}, {}
         return instance
 
     def echo_address(self, instance: Instance, backend: str = "auto") -> tuple[str, int]:

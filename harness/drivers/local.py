@@ -86,6 +86,7 @@ class LocalDriver(Driver):
     """Targets that are this host."""
 
     kind = "local"
+    keep_reason = "its servers are the harness's children and stop with it"
 
     def __init__(self) -> None:
         self._procs: dict[str, dict[str, subprocess.Popen[bytes]]] = {}
