@@ -51,7 +51,14 @@ from harness import reasons
 from harness import targets as targets_mod
 from harness.drivers import KINDS, DriverUnavailable, UnknownKind, get_driver
 from harness.drivers.base import Driver, ExecResult, Instance, StepTimeout, Target, TargetError
-from harness.lifecycle import TargetLifecycle, call_with_timeout, steps_seconds, sweep_leftovers
+from harness.kept_targets import current_hashes as kept_hashes
+from harness.lifecycle import (
+    DESTROY_POLICIES,
+    TargetLifecycle,
+    call_with_timeout,
+    steps_seconds,
+    sweep_leftovers,
+)
 from harness.progress import EventLog, ProgressView, iter_events
 
 TARGET_ARG = "_iomux_target"
@@ -77,9 +84,13 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("iomux", "iomux cross-OS targets (harness.plugin)")
     group.addoption("--targets", default=None, metavar="NAMES",
                     help="comma-separated target names from targets.toml (default: all)")
+    group.addoption("--destroy", default=None, choices=DESTROY_POLICIES,
+                    help="when to destroy a target after its tests (as Molecule's): always "
+                         "(the default); never: keep every target, for debugging, and a "
+                         "later run of the same tree reuses it; passing: destroy a target "
+                         "whose tests all passed, keep a failed one")
     group.addoption("--keep-targets", action="store_true", default=False,
-                    help="leave targets up after the run, for debugging (the next run's "
-                         "sweep removes them; local servers stop with the harness)")
+                    help="--destroy=never (local servers stop with the harness)")
     group.addoption("--target-timeout", type=float, default=None, metavar="SECONDS",
                     help="timeout of every lifecycle step (build, start, healthy, destroy), "
                          "instead of the per-step defaults")
@@ -87,6 +98,16 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="the targets file (default: targets.toml at the repository root)")
     group.addoption("--reports-dir", default=None, metavar="DIR",
                     help="where reports/<run-id>/ goes (default: reports/ at the rootdir)")
+
+
+def destroy_policy(config: pytest.Config) -> str:
+    """``--destroy``, with ``--keep-targets`` as ``never``; a contradiction is a usage error."""
+    chosen: str | None = config.getoption("destroy")
+    if config.getoption("keep_targets"):
+        if chosen not in (None, "never"):
+            raise pytest.UsageError(f"--keep-targets is --destroy=never, not --destroy={chosen}")
+        return "never"
+    return chosen or "always"
 
 
 def get_module_name(kind: str) -> str:
@@ -201,12 +222,15 @@ class Harness:
         workerinput: dict[str, Any] | None = getattr(config, "workerinput", None)
         self.is_worker = workerinput is not None
         self.worker = str(workerinput["workerid"]) if workerinput else "main"
-        self.keep = bool(config.getoption("keep_targets"))
+        self.destroy = destroy_policy(config)
+        #: --keep-targets, as before --destroy (results.json's run.keep_targets)
+        self.keep = self.destroy == "never"
         self.timeout: float | None = config.getoption("target_timeout")
         targets_file = config.getoption("targets_file")
         path = Path(targets_file) if targets_file else targets_mod.DEFAULT_PATH
         try:
             declared = targets_mod.load(path)
+            self.declared = declared
             names = targets_mod.parse_selection(config.getoption("targets"))
             self.selected = targets_mod.select_targets(declared, names)
         except targets_mod.TargetsError as exc:
@@ -333,7 +357,11 @@ class Harness:
             if target.name not in self.not_run and target.kind not in drivers:
                 with contextlib.suppress(UnknownKind, DriverUnavailable):
                     drivers[target.kind] = get_driver(target.kind)
-        self.swept = sweep_leftovers(drivers, stale, self.events)
+        try:
+            current: dict[str, str] | None = kept_hashes(self.declared, drivers)
+        except OSError:  # a tree that cannot be read spares no kept target
+            current = None
+        self.swept = sweep_leftovers(drivers, stale, self.events, current)
 
     def start_view(self) -> None:
         """Start the live progress view."""
@@ -350,7 +378,8 @@ class Harness:
         report_dir = self.run_dir / "targets" / target.name
         report_dir.mkdir(parents=True, exist_ok=True)
         lifecycle = TargetLifecycle(driver, target, self.run_id, self.worker, report_dir,
-                                    self.events, keep=self.keep, timeout_override=self.timeout)
+                                    self.events, destroy=self.destroy,
+                                    timeout_override=self.timeout)
         self.lifecycles[target.name] = lifecycle
         instance = lifecycle.bring_up()
         return RunningTarget(lifecycle, instance, report_dir, self.events)
@@ -530,6 +559,7 @@ class Harness:
                 "overhead_seconds": round(wall - slowest, 3) if slowest else None,
                 "swept": self.swept,
                 "keep_targets": self.keep,
+                "destroy": self.destroy,
             },
         }
 
