@@ -38,7 +38,15 @@ import re
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-from harness.drivers.base import Driver, Instance, Target, exclusive_lock, owner_alive, owner_label
+from harness.drivers.base import (
+    Driver,
+    Instance,
+    StepTimeout,
+    Target,
+    exclusive_lock,
+    owner_alive,
+    owner_label,
+)
 
 #: The checkout whose files go into the targets.
 REPO = Path(__file__).resolve().parents[1]
@@ -212,9 +220,10 @@ def claim(target: Target, target_hash_: str, root: Path = REPO) -> KeptRecord | 
 
 
 def drop(record: KeptRecord) -> None:
-    """Forget ``record`` (its target was destroyed, or cannot be reused)."""
-    with _lock(), contextlib.suppress(FileNotFoundError):
-        record.path.unlink()
+    """Forget ``record`` (its target was destroyed, or cannot be reused). Never
+    raises: a record left behind is found stale by a later sweep."""
+    with contextlib.suppress(OSError, StepTimeout), _lock():
+        record.path.unlink(missing_ok=True)
 
 
 def judge(current: Mapping[str, str], kinds: Iterable[str],

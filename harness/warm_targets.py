@@ -60,9 +60,12 @@ class KeptTargetSteps:
 
     def _claim(self) -> None:
         """Claim a kept target of this tree and recipe, if there is one."""
-        digest = self.kept_hash()
-        if digest is not None:
-            self._claimed = kept_targets.claim(self.target, digest)
+        try:
+            digest = self.kept_hash()
+            if digest is not None:
+                self._claimed = kept_targets.claim(self.target, digest)
+        except (OSError, StepTimeout) as exc:  # an unreadable tree or store: start anew
+            self._emit("record", key="reuse", value={"reused": False, "why": base.one_line(exc)})
 
     def _attach(self) -> None:
         """The attach step: take the claimed target over, or give it up."""
@@ -146,7 +149,7 @@ class KeptTargetSteps:
             kept_targets.keep(instance, digest, self.run_id, failed, first)
 
         try:
-            self._step("keep", keep)
+            self._step("keep", keep, errors=False)
         except Exception:
             return "kept", f"{instance.resource_name} (not recorded: a later sweep removes it)"
         return "kept", instance.resource_name

@@ -80,8 +80,10 @@ def reuse_line(target: Dict[str, Any]) -> Optional[str]:
         if saved is not None:
             line += f", saved {saved:.1f} s of build and start"
         return line
-    return (f"{name}: the target kept by run {source} could not be reused "
-            f"({reuse.get('why') or 'unknown'}): built and started anew")
+    why = reuse.get("why") or "unknown"
+    if not reuse.get("from_run"):
+        return f"{name}: kept targets could not be looked for ({why})"
+    return f"{name}: the target kept by run {source} could not be reused ({why}): built and started anew"
 
 
 def reuse_lines(results: Dict[str, Any]) -> List[str]:

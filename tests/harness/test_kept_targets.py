@@ -140,6 +140,21 @@ def test_a_target_that_never_got_healthy_is_kept_for_debugging_only(tmp_path: Pa
     assert not list(store.glob("*.json"))
 
 
+def test_an_unusable_store_never_fails_a_target(tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    blocked = tmp_path / "not-a-directory"
+    blocked.write_text("")
+    monkeypatch.setenv(kept_targets.STORE_ENV, str(blocked))
+    driver = KeepableDriver()
+    life, events = make(tmp_path, driver, destroy="never")
+    life.bring_up()
+    life.tear_down(failed=False)
+    assert driver.calls == ["build", "start", "healthy"]
+    assert not errors_of(events)
+    last = [e for e in iter_events(events.path) if e["type"] == "phase"][-1]
+    assert last["phase"] == "kept" and "not recorded" in last["detail"]
+
+
 # -- warm targets ------------------------------------------------------------------------
 
 def keep_one(tmp_path: Path) -> TargetLifecycle:
