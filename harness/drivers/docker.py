@@ -306,7 +306,9 @@ class DockerDriver(Driver):
     def attach(self, kept: Instance, timeout: float) -> Instance | None:
         """Take over a kept container: still running under its name, ours and of this
         target; its echo ports read again from its published ports. A backend server
-        that no longer answers loses its ready file, so wait_healthy starts it again."""
+        that no longer answers loses its ready file, so wait_healthy starts it again.
+        A container's labels cannot change: its new owner is in the kept record
+        (harness.kept_targets), which the sweep reads before it looks at labels."""
         errors = docker_errors()
         try:
             container = self.client(kept.target).containers.get(kept.resource_name)
