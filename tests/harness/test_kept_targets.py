@@ -343,3 +343,51 @@ def test_the_report_says_reused_and_what_it_saved(tmp_path: Path) -> None:
         "built and started anew"]
     assert "saved 20.1 s" in text.summary_md(doc)
     assert "reused: debian-12 (saved 20.1 s)" in text.summary_table(doc)
+
+
+# -- the vagrant kind's part, on this machine's libvirt (no VM is booted) ----------------
+
+def test_vagrant_sweep_spares_a_kept_vm_and_attach_wants_it_running(tmp_path: Path) -> None:
+    import os
+    import shutil
+    import subprocess
+
+    from harness.drivers import vagrant as vd
+
+    driver = vd.VagrantDriver()
+    if shutil.which("virsh") is None or os.geteuid() != 0:
+        pytest.skip("needs libvirt's virsh, as root")
+    uri = driver._libvirt_uri()
+    if subprocess.run(["virsh", "-c", uri, "version"], capture_output=True, timeout=60,
+                      check=False).returncode != 0:
+        pytest.skip(f"libvirtd does not answer on {uri}")
+    run_id = f"kept-{os.getpid()}"
+    tag = f"{run_id}-gw1"
+    run_dir = vd.STATE_ROOT / f"{tag}-debian-vm"
+    domain = f"{vd.DOMAIN_PREFIX}{tag}-debian-vm"
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    env = {"VAGRANT_DOTFILE_PATH": str(run_dir / "dot-vagrant"), "IOMUX_RUN_ID": tag}
+    (run_dir / "owner.json").write_text(json.dumps({
+        "io.iomux.project": "iomux", "io.iomux.run": run_id, "worker": "gw1", "tag": tag,
+        "machine": "debian-vm", "pid": dead.pid, "env": env}))
+    (run_dir / "ssh_config").write_text("Host debian-vm\n  HostName 127.0.0.1\n")
+    xml = run_dir / "domain.xml"
+    xml.write_text(f"<domain type='qemu'><name>{domain}</name><memory unit='MiB'>64</memory>"
+                   "<os><type arch='x86_64'>hvm</type></os></domain>")
+    try:
+        subprocess.run(["virsh", "-c", uri, "define", str(xml)], check=True,
+                       capture_output=True, timeout=60)
+        assert driver.sweep_sparing({domain}, run_id) == []
+        assert domain in driver._domains() and run_dir.is_dir()
+        target = Target(name="debian-vm", kind="vagrant", os_family="linux", backends=())
+        kept = Instance(target=target, run_id=run_id, resource_name=domain, data={
+            "dir": str(run_dir), "env": env, "machine": "debian-vm",
+            "ssh_config": str(run_dir / "ssh_config")})
+        assert driver.attach(kept, 30) is None  # defined, not running
+        assert driver.kept_recipe(target) == {"box": driver.box_for(target)}
+    finally:
+        subprocess.run(["virsh", "-c", uri, "undefine", domain], capture_output=True,
+                       timeout=60, check=False)
+        shutil.rmtree(run_dir, ignore_errors=True)
