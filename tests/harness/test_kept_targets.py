@@ -155,6 +155,15 @@ def test_an_unusable_store_never_fails_a_target(tmp_path: Path,
     assert last["phase"] == "kept" and "not recorded" in last["detail"]
 
 
+def test_keep_targets_and_another_destroy_is_a_one_line_usage_error(tmp_path: Path) -> None:
+    from test_plugin_e2e import run_harness
+
+    proc, _ = run_harness(tmp_path, "--targets", "local", "--keep-targets", "--destroy=always")
+    assert proc.returncode == pytest.ExitCode.USAGE_ERROR
+    assert "--keep-targets is --destroy=never, not --destroy=always" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
 # -- warm targets ------------------------------------------------------------------------
 
 def keep_one(tmp_path: Path) -> TargetLifecycle:
