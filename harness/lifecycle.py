@@ -1,17 +1,23 @@
 """One target's life, as a declared sequence of steps (in the manner of Molecule).
 
-    sweep -> build -> start -> healthy -> test -> logs-on-failure -> destroy
+    sweep -> attach | build -> start -> healthy -> test -> logs-on-failure -> keep | destroy
 
 ``SEQUENCE`` is the whole policy, as data: where each step runs, when it runs,
-and its default timeout. ``sweep`` runs once per run, in the controller, before
-any worker starts (``sweep_leftovers``); the others run in the worker that owns
-the target (``TargetLifecycle``). ``test`` is pytest itself.
+and its default timeout; ``TargetLifecycle`` and ``sweep_leftovers`` run what
+it says. ``sweep`` runs once per run, in the controller, before any worker
+starts; the others run in the worker that owns the target. ``test`` is pytest
+itself: the steps before it are ``bring_up``, those after it ``tear_down``.
 
 Every external step runs under a watchdog: a driver is asked to honour the
 timeout it is given, and if it does not, the watchdog raises ``StepTimeout``
 naming the target and the step anyway, so a hung engine can never hang the run.
-Destroy always runs (on a failed test, a failed start and Ctrl-C), unless
-``--keep-targets`` asks to keep the target for debugging.
+Destroy runs on a passed test, a failed test, a failed start and Ctrl-C, unless
+``--destroy`` keeps the target (``never``; ``passing`` when a test failed).
+
+A kept target of a keepable kind leaves a record (harness.kept_targets); a later
+run of the same tree and recipe takes it over (``attach``) instead of building
+and starting it again, and checks it is healthy as it would a new one: a kept
+target that does not answer is destroyed, and a new one built and started.
 """
 
 from __future__ import annotations
@@ -25,11 +31,13 @@ from typing import Any, Callable, Mapping, Sequence, TypeVar
 
 # The watchdog lives with the drivers, which call it too, and is re-exported for
 # the plugin. Every call here passes this module's GRACE (a test shortens it).
+from harness import kept_targets
 from harness.drivers import DriverUnavailable, UnknownKind, base, driver_class
 from harness.drivers.base import GRACE as GRACE
 from harness.drivers.base import Driver, ExecResult, Instance, StepTimeout, Target, TargetError
 from harness.drivers.base import call_with_timeout as call_with_timeout
 from harness.progress import EventLog
+from harness.warm_targets import KeptTargetSteps
 
 T = TypeVar("T")
 
@@ -43,23 +51,62 @@ class Step:
     phase: str
     #: "controller" (once per run) or "worker" (per target per worker)
     where: str
-    #: "always", "on-failure" or "unless-kept"
+    #: when it runs: one of WHEN
     when: str
     #: seconds; 0 means the step has no timeout of its own (pytest runs the tests)
     timeout: float
 
 
+#: The values of ``Step.when``.
+WHEN: Mapping[str, str] = {
+    "always": "every time",
+    "if-reusable": "when a kept target of the same tree and recipe was claimed",
+    "unless-attached": "unless a kept target was taken over",
+    "on-failure": "when a test of the target, or its bring-up, failed",
+    "if-kept": "when --destroy keeps the target (never; passing and it failed)",
+    "unless-kept": "unless --destroy keeps the target",
+}
+
 SEQUENCE: tuple[Step, ...] = (
     Step("sweep", "sweeping", "controller", "always", 180),
+    Step("attach", "attaching", "worker", "if-reusable", 120),
     # A cold docker build includes debootstrap of a base image: minutes, not seconds.
-    Step("build", "building", "worker", "always", 1800),
-    Step("start", "starting", "worker", "always", 300),
+    Step("build", "building", "worker", "unless-attached", 1800),
+    Step("start", "starting", "worker", "unless-attached", 300),
     Step("healthy", "waiting", "worker", "always", 120),
     Step("test", "testing", "worker", "always", 0),
     Step("logs", "saving logs", "worker", "on-failure", 120),
+    Step("keep", "keeping", "worker", "if-kept", 60),
     Step("destroy", "tearing down", "worker", "unless-kept", 300),
 )
 STEPS: Mapping[str, Step] = {step.name: step for step in SEQUENCE}
+_TEST = [step.name for step in SEQUENCE].index("test")
+#: The worker's steps before the tests (bring_up) and after them (tear_down).
+UP_STEPS = tuple(step for step in SEQUENCE[:_TEST] if step.where == "worker")
+DOWN_STEPS = tuple(step for step in SEQUENCE[_TEST + 1:] if step.where == "worker")
+
+#: ``--destroy`` (Molecule's option): ``always`` destroys every target after its
+#: tests; ``never`` keeps every one, for debugging or for a later run to reuse;
+#: ``passing`` destroys a target whose tests all passed and keeps a failed one.
+DESTROY_POLICIES = ("always", "never", "passing")
+
+
+def destroys(policy: str, failed: bool) -> bool:
+    """Whether ``--destroy=policy`` destroys a target that ``failed`` (or not)."""
+    if policy not in DESTROY_POLICIES:
+        raise ValueError(f"--destroy={policy}: choose one of {', '.join(DESTROY_POLICIES)}")
+    return policy == "always" or (policy == "passing" and not failed)
+
+
+def destroy_policy(chosen: str | None, keep_targets: bool) -> str:
+    """``--destroy`` (default always), with ``--keep-targets`` as ``never``; raises
+    ValueError, one line, when the two disagree."""
+    if keep_targets:
+        if chosen not in (None, "never"):
+            raise ValueError(f"--keep-targets is --destroy=never, not --destroy={chosen}")
+        return "never"
+    return chosen or "always"
+
 
 
 def kind_timeouts(kind: str) -> Mapping[str, float]:
@@ -98,26 +145,40 @@ def steps_seconds() -> float:
     return _STEP_SECONDS[0]
 
 
-class TargetLifecycle:
-    """Bring one target up, tear it down, and say what happened on the event log."""
+class TargetLifecycle(KeptTargetSteps):
+    """Bring one target up, tear it down, and say what happened on the event log.
+
+    ``destroy`` is the ``--destroy`` policy (``keep`` True is ``never``, the old
+    ``--keep-targets``)."""
 
     def __init__(self, driver: Driver, target: Target, run_id: str, worker: str,
                  report_dir: Path, events: EventLog | None, keep: bool = False,
-                 timeout_override: float | None = None) -> None:
+                 timeout_override: float | None = None, destroy: str | None = None) -> None:
         self.driver = driver
         self.target = target
         self.run_id = run_id
         self.worker = worker
         self.report_dir = report_dir
         self.events = events
-        self.keep = keep
+        self.destroy = destroy or ("never" if keep else "always")
+        destroys(self.destroy, False)  # an unknown policy fails here, not at the end
         self.timeouts = step_timeouts(target, timeout_override)
         self.instance: Instance | None = None
         self.timings: dict[str, float] = {}
         self.build_facts: dict[str, Any] = {}
         self.steps_run: list[str] = []
+        #: whether the target running is a kept one taken over (attach)
+        self.reused = False
+        self._claimed = None
+        self._kept_hash = None
+        self._healthy = False
         self._test_started: float | None = None
         self._torn_down = False
+
+    @property
+    def keep(self) -> bool:
+        """Whether ``--destroy`` keeps every target (never), as ``--keep-targets`` did."""
+        return self.destroy == "never"
 
     # -- plumbing
     def _emit(self, type_: str, **fields: Any) -> None:
@@ -128,7 +189,9 @@ class TargetLifecycle:
         if self.events is not None:
             self.events.phase(self.target.name, phase, detail)
 
-    def _step(self, name: str, fn: Callable[[], T]) -> T:
+    def _step(self, name: str, fn: Callable[[], T], errors: bool = True) -> T:
+        """Run ``fn`` as step ``name`` under its watchdog, timed. ``errors`` False keeps
+        a failure off the event log (a kept target that cannot be reused is no failure)."""
         step = STEPS[name]
         self.steps_run.append(name)
         self._phase(step.phase)
@@ -136,13 +199,15 @@ class TargetLifecycle:
         label = f"{self.target.name}: {name}"
         try:
             return call_with_timeout(label, self.timeouts[name], fn,
-                                     finish_on_interrupt=name == "start", grace=GRACE)
+                                     finish_on_interrupt=name in ("start", "attach"), grace=GRACE)
         except (StepTimeout, TargetError) as exc:
-            self._emit("error", step=name, message=base.one_line(exc, limit=None))
+            if errors:
+                self._emit("error", step=name, message=base.one_line(exc, limit=None))
             raise
         except Exception as exc:
             # A driver's own exception type becomes one line that names the step.
-            self._emit("error", step=name, message=base.one_line(exc, limit=None))
+            if errors:
+                self._emit("error", step=name, message=base.one_line(exc, limit=None))
             raise TargetError(f"{label}: {type(exc).__name__}: {base.one_line(exc, limit=None)}") from exc
         finally:
             seconds = time.monotonic() - started
@@ -150,36 +215,76 @@ class TargetLifecycle:
             _STEP_SECONDS[0] += seconds
             self._emit("timing", step=name, seconds=round(seconds, 3))
 
+    def _runs(self, step: Step, failed: bool = False) -> bool:
+        """Whether ``step`` runs now, by its ``when``."""
+        kept = not destroys(self.destroy, failed)
+        decided = {"always": True, "if-reusable": self._claimed is not None,
+                   "unless-attached": not self.reused, "on-failure": failed,
+                   "if-kept": kept, "unless-kept": not kept}
+        if step.when not in decided:
+            raise ValueError(f"step {step.name}: unknown when {step.when!r}; known: "
+                             f"{', '.join(WHEN)}")
+        return decided[step.when]
+
     # -- the sequence
     def bring_up(self) -> Instance:
-        """build -> start -> healthy. On a failure after start, saves logs and destroys
-        before re-raising, so a target that never became healthy is not left behind."""
+        """The steps before ``test``: attach to a kept target, or build and start one;
+        then healthy. A kept target that fails its health check is destroyed and a new
+        one brought up. On a failure after start, saves logs and destroys (unless
+        ``--destroy`` keeps it) before re-raising, so nothing is left behind."""
         _LIVE.add(self)
         try:
-            facts = self._step("build", lambda: self.driver.build(self.target,
-                                                                  self.timeouts["build"]))
-            self.build_facts = dict(facts or {})
-            self._emit("record", key="build", value=self.build_facts)
-            self._phase("built", "cached" if self.build_facts.get("cached") else "")
-
-            def start() -> Instance:
-                # Kept in the step's own thread: after a Ctrl-C the return value
-                # is lost, and tear_down must still find the instance to destroy.
-                started = self.driver.start(self.target, self.run_id, self.worker,
-                                            self.timeouts["start"])
-                self.instance = started
-                return started
-
-            instance = self._step("start", start)
-            self._step("healthy", lambda: self.driver.wait_healthy(
-                instance, self.timeouts["healthy"]))
+            self._claim()
+            try:
+                self._run_up()
+            except (StepTimeout, TargetError):
+                if not self.reused:
+                    raise
+                self._give_up_reuse("not healthy")
+                self._run_up()
         except BaseException:
             self.tear_down(failed=True)
             raise
+        assert self.instance is not None  # start or attach set it, or raised
+        self._healthy = True
         self._phase("healthy")
         self._test_started = time.monotonic()
         self._phase("testing")
-        return instance
+        return self.instance
+
+    def _run_up(self) -> None:
+        handlers: dict[str, Callable[[], None]] = {
+            "attach": self._attach, "build": self._build, "start": self._start,
+            "healthy": self._wait_healthy}
+        for step in UP_STEPS:
+            if self._runs(step):
+                handlers[step.name]()
+
+    def _build(self) -> None:
+        facts = self._step("build", lambda: self.driver.build(self.target,
+                                                              self.timeouts["build"]))
+        self.build_facts = dict(facts or {})
+        self._emit("record", key="build", value=self.build_facts)
+        self._phase("built", "cached" if self.build_facts.get("cached") else "")
+
+    def _start(self) -> None:
+        def start() -> Instance:
+            # Kept in the step's own thread: after a Ctrl-C the return value
+            # is lost, and tear_down must still find the instance to destroy.
+            started = self.driver.start(self.target, self.run_id, self.worker,
+                                        self.timeouts["start"])
+            self.instance = started
+            return started
+
+        self._step("start", start)
+
+    def _wait_healthy(self) -> None:
+        instance = self.instance
+        assert instance is not None  # start or attach set it
+        self._step("healthy", lambda: self.driver.wait_healthy(
+            instance, self.timeouts["healthy"]), errors=not self.reused)
+        if self.reused:
+            self._record_reuse()
 
     def exec(self, argv: Sequence[str], timeout: float = 120,
              user: str | None = None) -> ExecResult:
@@ -192,8 +297,9 @@ class TargetLifecycle:
             instance, argv, timeout, user), grace=GRACE)
 
     def tear_down(self, failed: bool) -> None:
-        """logs-on-failure -> destroy (unless kept). Safe to call more than once; never
-        raises for a failed destroy (it is reported on the event log instead)."""
+        """The steps after ``test``: logs on failure, then keep or destroy, as
+        ``--destroy`` says. Safe to call more than once; never raises for a failed
+        destroy (it is reported on the event log instead)."""
         if self._torn_down:
             return
         self._torn_down = True
@@ -206,23 +312,33 @@ class TargetLifecycle:
         if instance is None:
             self._phase("failed" if failed else "done")
             return
-        if failed:
-            dest = self.report_dir / "logs"
-            try:
-                saved = self._step("logs", lambda: self.driver.save_logs(instance, dest))
-                self._emit("record", key="logs", value=[str(p) for p in saved])
-            except Exception:
-                pass  # already on the event log; destroying matters more
-        if self.keep:
-            self._phase("kept", instance.resource_name)
-            return
+        handlers: dict[str, Callable[[Instance, bool], tuple[str, str] | None]] = {
+            "logs": self._save_logs, "keep": self._keep, "destroy": self._destroy}
+        # Each step may name the phase the target ends in (kept, a failed destroy).
+        final = ("failed" if failed else "done", "")
+        for step in DOWN_STEPS:
+            if self._runs(step, failed):
+                final = handlers[step.name](instance, failed) or final
+        self._phase(*final)
+
+    def _save_logs(self, instance: Instance, failed: bool) -> tuple[str, str] | None:
+        dest = self.report_dir / "logs"
+        try:
+            saved = self._step("logs", lambda: self.driver.save_logs(instance, dest))
+            self._emit("record", key="logs", value=[str(p) for p in saved])
+        except Exception:
+            pass  # already on the event log; destroying matters more
+        return None
+
+    def _destroy(self, instance: Instance, failed: bool) -> tuple[str, str] | None:
         try:
             self._step("destroy", lambda: self.driver.destroy(instance,
                                                               self.timeouts["destroy"]))
         except Exception:
-            self._phase("failed", "destroy failed; the next run's sweep removes it")
-            return
-        self._phase("failed" if failed else "done")
+            return "failed", "destroy failed; the next run's sweep removes it"
+        if self._claimed is not None:
+            kept_targets.drop(self._claimed)
+        return None
 
 
 #: Lifecycles brought up in this process and not yet torn down: the atexit
@@ -238,7 +354,8 @@ def _destroy_leftovers() -> None:
 
 def sweep_leftovers(drivers: Mapping[str, Driver], stale_runs: Sequence[str] | None,
                     events: EventLog | None = None,
-                    targets: Sequence[Target] = ()) -> dict[str, list[str]]:
+                    targets: Sequence[Target] = (),
+                    current: Mapping[str, str] | None = None) -> dict[str, list[str]]:
     """The ``sweep`` step: each driver removes labelled resources of earlier runs.
 
     ``stale_runs`` None means no other run is alive, so everything labelled as ours
@@ -246,25 +363,39 @@ def sweep_leftovers(drivers: Mapping[str, Driver], stale_runs: Sequence[str] | N
     never pulls a container from under another engineer's run that is still going.
     Each driver is given the run's ``targets`` of its kind (a docker target may
     name its own engine, which is swept too).
+    ``current`` (target name -> kept hash, harness.kept_targets) spares kept targets
+    of the current tree and recipe, and those a live run has taken over; the other
+    kept ones are swept as any leftover. None: no kept target is spared.
     Returns kind -> what was removed (errors are one line each, never raised)."""
     removed: dict[str, list[str]] = {}
     timeout = STEPS["sweep"].timeout
+    spare: dict[str, set[str]] = {}
+    stale: list[kept_targets.KeptRecord] = []
+    keepable = [kind for kind, driver in drivers.items() if driver.keepable]
+    if current is not None and keepable:
+        try:
+            spare, stale = kept_targets.judge(current, keepable)
+        except Exception as exc:  # an unreadable store spares nothing
+            removed["kept"] = [f"kept records unreadable: {base.one_line(exc, limit=None)}"]
     for kind, driver in drivers.items():
         if events is not None:
             events.phase(f"<{kind}>", "sweeping")
         found: list[str] = []
         of_kind = [t for t in targets if t.kind == kind]
+        sweep = functools.partial(driver.sweep, targets=of_kind,
+                                  spare=frozenset(spare.get(kind, ())))
         try:
             if stale_runs is None:
-                found += call_with_timeout(f"sweep {kind}", timeout, functools.partial(
-                    driver.sweep, None, of_kind), grace=GRACE)
+                found += call_with_timeout(f"sweep {kind}", timeout, sweep, grace=GRACE)
             else:
                 for run in stale_runs:
-                    found += call_with_timeout(f"sweep {kind}", timeout, functools.partial(
-                        driver.sweep, run, of_kind), grace=GRACE)
+                    found += call_with_timeout(f"sweep {kind}", timeout,
+                                               functools.partial(sweep, run), grace=GRACE)
         except Exception as exc:
             found.append(f"sweep failed: {base.one_line(exc, limit=None)}")
         removed[kind] = found
         if events is not None:
             events.phase(f"<{kind}>", "done", f"swept {len(found)}" if found else "nothing to sweep")
+    # The stale records whose resources were swept: all of them, or those of dead runs.
+    kept_targets.forget([r for r in stale if stale_runs is None or r.run_id in stale_runs])
     return removed

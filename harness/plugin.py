@@ -46,7 +46,7 @@ from harness import results, runs
 from harness import targets as targets_mod
 from harness.drivers import DriverUnavailable, get_driver
 from harness.drivers.base import StepTimeout, Target, TargetError
-from harness.lifecycle import TargetLifecycle
+from harness.lifecycle import DESTROY_POLICIES, TargetLifecycle, destroy_policy
 from harness.progress import EventLog, ProgressView
 from harness.running_target import RunningTarget
 from harness.scheduling import target_scheduling
@@ -61,9 +61,13 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("iomux", "iomux cross-OS targets (harness.plugin)")
     group.addoption("--targets", default=None, metavar="NAMES",
                     help="comma-separated target names from targets.toml (default: all)")
+    group.addoption("--destroy", default=None, choices=DESTROY_POLICIES,
+                    help="when to destroy a target after its tests (as Molecule's): always "
+                         "(the default); never: keep every target, for debugging, and a "
+                         "later run of the same tree reuses it; passing: destroy a target "
+                         "whose tests all passed, keep a failed one")
     group.addoption("--keep-targets", action="store_true", default=False,
-                    help="leave targets up after the run, for debugging (the next run's "
-                         "sweep removes them; local servers stop with the harness)")
+                    help="--destroy=never (local servers stop with the harness)")
     group.addoption("--target-timeout", type=float, default=None, metavar="SECONDS",
                     help="timeout of every lifecycle step (build, start, healthy, destroy), "
                          "instead of the per-step defaults")
@@ -81,12 +85,17 @@ class Harness:
         workerinput: dict[str, Any] | None = getattr(config, "workerinput", None)
         self.is_worker = workerinput is not None
         self.worker = str(workerinput["workerid"]) if workerinput else "main"
-        self.keep = bool(config.getoption("keep_targets"))
+        try:
+            self.destroy = destroy_policy(config.getoption("destroy"),
+                                          bool(config.getoption("keep_targets")))
+        except ValueError as exc:
+            raise pytest.UsageError(str(exc)) from None
         self.timeout: float | None = config.getoption("target_timeout")
         targets_file = config.getoption("targets_file")
         path = Path(targets_file) if targets_file else targets_mod.DEFAULT_PATH
         try:
             declared = targets_mod.load(path)
+            self.declared = declared
             names = targets_mod.parse_selection(config.getoption("targets"))
             self.selected = targets_mod.select_targets(declared, names)
         except targets_mod.TargetsError as exc:
@@ -135,7 +144,8 @@ class Harness:
 
     def sweep(self) -> None:
         """The sweep step, once per run, for each kind that will run."""
-        self.swept = runs.sweep_dead_runs(self.live, self.selected, self.not_run, self.events)
+        self.swept = runs.sweep_dead_runs(self.live, self.selected, self.not_run, self.events,
+                                          self.declared)
 
     def start_view(self) -> None:
         """Start the live progress view."""
@@ -152,7 +162,8 @@ class Harness:
         report_dir = self.run_dir / "targets" / target.name
         report_dir.mkdir(parents=True, exist_ok=True)
         lifecycle = TargetLifecycle(driver, target, self.run_id, self.worker, report_dir,
-                                    self.events, keep=self.keep, timeout_override=self.timeout)
+                                    self.events, destroy=self.destroy,
+                                    timeout_override=self.timeout)
         self.lifecycles[target.name] = lifecycle
         instance = lifecycle.bring_up()
         return RunningTarget(lifecycle, instance, report_dir, self.events)
@@ -173,7 +184,7 @@ class Harness:
         """The results document of DESIGN.md section 4 (harness.results)."""
         return self.results_builder.build(
             run_id=self.run_id, events_path=self.events.path, not_run=self.not_run,
-            swept=self.swept, keep=self.keep, interrupted=self.interrupted)
+            swept=self.swept, destroy=self.destroy, interrupted=self.interrupted)
 
 
 #: The harness of this process, for the hooks that are not handed the config.

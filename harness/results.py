@@ -148,10 +148,10 @@ class ResultsBuilder:
             record["outcome"] = "xpassed" if xfail else "passed"
 
     def build(self, *, run_id: str, events_path: Path, not_run: Mapping[str, str],
-              swept: dict[str, list[str]], keep: bool, interrupted: bool) -> dict[str, Any]:
+              swept: dict[str, list[str]], destroy: str, interrupted: bool) -> dict[str, Any]:
         """The results document of DESIGN.md section 4: this run's tests and the events
         of ``events_path``; ``not_run`` the targets that could not run here, ``swept``
-        what the sweep removed, ``keep`` whether targets are kept, ``interrupted``
+        what the sweep removed, ``destroy`` the --destroy policy, ``interrupted``
         whether the run was stopped (Ctrl-C, SIGTERM)."""
         events = list(iter_events(events_path))
         per: dict[str, dict[str, Any]] = {
@@ -278,7 +278,8 @@ class ResultsBuilder:
                 "wall_over_slowest": round(wall / slowest, 3) if slowest else None,
                 "overhead_seconds": round(wall - slowest, 3) if slowest else None,
                 "swept": swept,
-                "keep_targets": keep,
+                "keep_targets": destroy == "never",
+                "destroy": destroy,
             },
         }
 

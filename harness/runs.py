@@ -26,6 +26,7 @@ from typing import Mapping, Sequence
 from harness import reasons
 from harness.drivers import KINDS, DriverUnavailable, UnknownKind, get_driver
 from harness.drivers.base import Driver, Target
+from harness.kept_targets import current_hashes as kept_hashes
 from harness.lifecycle import call_with_timeout, sweep_leftovers
 from harness.progress import EventLog
 
@@ -139,7 +140,7 @@ class LiveRun:
 
 
 def sweep_dead_runs(live: LiveRun, selected: Sequence[Target], not_run: Mapping[str, str],
-                    events: EventLog) -> dict[str, list[str]]:
+                    events: EventLog, declared: Sequence[Target] = ()) -> dict[str, list[str]]:
     """The sweep step, once per run: register ``live`` as alive, then remove the
     leftovers of the dead runs (of every run, when no other is alive) for each kind
     of ``selected`` that will run (each driver is given those targets of its kind:
@@ -151,4 +152,9 @@ def sweep_dead_runs(live: LiveRun, selected: Sequence[Target], not_run: Mapping[
             with contextlib.suppress(UnknownKind, DriverUnavailable):
                 drivers[target.kind] = get_driver(target.kind)
     running = [t for t in selected if t.name not in not_run]
-    return sweep_leftovers(drivers, stale, events, running)
+    try:
+        # Kept targets of this tree and recipe (any of ``declared``) are spared.
+        current: dict[str, str] | None = kept_hashes(declared, drivers)
+    except OSError:  # a tree that cannot be read spares no kept target
+        current = None
+    return sweep_leftovers(drivers, stale, events, targets=running, current=current)

@@ -34,7 +34,7 @@ import subprocess
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Iterator, Mapping, Sequence, TypeVar
+from typing import Any, Callable, ClassVar, Collection, Iterator, Mapping, Sequence, TypeVar
 
 from harness import reasons
 
@@ -204,8 +204,11 @@ class Driver(abc.ABC):
         return None
 
     @abc.abstractmethod
-    def sweep(self, run_id: str | None = None, targets: Sequence[Target] = ()) -> list[str]:
-        """Remove resources labelled as ours (only those of ``run_id`` when given).
+    def sweep(self, run_id: str | None = None, targets: Sequence[Target] = (),
+              spare: Collection[str] = ()) -> list[str]:
+        """Remove resources labelled as ours (only those of ``run_id`` when given),
+        never those named in ``spare`` (kept targets of the current tree and recipe,
+        or taken over by a run still going: harness.kept_targets).
 
         ``targets`` are the run's targets of this kind: a kind whose resources
         live in more than one place (a docker target's own engine) sweeps each
@@ -245,6 +248,30 @@ class Driver(abc.ABC):
     @abc.abstractmethod
     def destroy(self, instance: Instance, timeout: float) -> None:
         """Remove everything ``start`` created. Must be safe to call twice."""
+
+    # -- kept targets (``--destroy=never|passing``; harness.kept_targets) ---------------
+
+    #: Whether a target of this kind that ``--destroy`` keeps can be taken over by a
+    #: later run (``attach``). A kind that cannot says why in ``keep_reason``.
+    keepable: ClassVar[bool] = False
+    keep_reason: ClassVar[str] = "its driver cannot reach a target again from another run"
+    #: The files (paths relative to the checkout, files or directories) that go
+    #: into a target of this kind: baked into its image, copied or mounted. A kept
+    #: target is reused only while they are unchanged.
+    kept_inputs: ClassVar[tuple[str, ...]] = ()
+
+    def kept_recipe(self, target: Target) -> dict[str, Any]:
+        """Facts besides targets.toml and ``kept_inputs`` that decide what a target
+        of this kind is (the box it boots, the engine it runs on); JSON values."""
+        return {}
+
+    def attach(self, kept: Instance, timeout: float) -> Instance | None:
+        """Take over a kept target: ``kept`` is the Instance as it was kept (its
+        target, run id, resource name, echo ports and data). Return it, brought up to
+        date (echo ports read again), if its resources are still there and running;
+        None if it cannot be reused (the lifecycle destroys it and starts anew).
+        ``wait_healthy`` runs after it."""
+        return None
 
 
 def run_argv(argv: Sequence[str], timeout: float, step: str,

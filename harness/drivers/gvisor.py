@@ -86,6 +86,7 @@ class GVisorDriver(kernels.KernelDriver):
     """Targets that are a gVisor sandbox on this host."""
 
     kind: ClassVar[str] = "gvisor"
+    keep_reason: ClassVar[str] = "a sandbox starts in seconds: little to save"
     unreachable: ClassVar[str] = UNREACHABLE
     noun: ClassVar[str] = "gvisor sandbox"
     console: ClassVar[str] = "init.log"

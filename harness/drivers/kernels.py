@@ -18,7 +18,7 @@ import resource
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Sequence
+from typing import Any, Callable, ClassVar, Collection, Sequence
 
 from harness.drivers.base import (
     BACKEND_PORTS,
@@ -202,7 +202,8 @@ class KernelDriver(Driver):
         """The pinned binary is missing, or the Debian 12 userland cannot be built."""
         return kernel_binary(target).missing_reason() or userland_unavailable_reason(target)
 
-    def sweep(self, run_id: str | None = None, targets: Sequence[Target] = ()) -> list[str]:
+    def sweep(self, run_id: str | None = None, targets: Sequence[Target] = (),
+              spare: Collection[str] = ()) -> list[str]:
         """Kill the guests of dead runs (found by their marker) and remove their dirs."""
         removed = []
         for path in doomed_dirs(self.kind, run_id):

@@ -28,7 +28,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import IO, Any, Sequence
+from typing import IO, Any, Collection, Sequence
 
 from harness.drivers.base import (
     LABEL_PROJECT,
@@ -87,6 +87,7 @@ class LocalDriver(Driver):
     """Targets that are this host."""
 
     kind = "local"
+    keep_reason = "its servers are the harness's children and stop with it"
 
     def __init__(self) -> None:
         self._procs: dict[str, dict[str, subprocess.Popen[bytes]]] = {}
@@ -109,7 +110,8 @@ class LocalDriver(Driver):
         env[ENV_RUN] = run_id
         return env
 
-    def sweep(self, run_id: str | None = None, targets: Sequence[Target] = ()) -> list[str]:
+    def sweep(self, run_id: str | None = None, targets: Sequence[Target] = (),
+              spare: Collection[str] = ()) -> list[str]:
         """Kill our servers left by an earlier run (Linux: found through /proc)."""
         removed: list[str] = []
         proc_root = Path("/proc")

@@ -129,6 +129,7 @@ class UMLDriver(kernels.KernelDriver):
     """Targets that are a User-Mode Linux guest on this host."""
 
     kind: ClassVar[str] = "uml"
+    keep_reason: ClassVar[str] = "the guest is reached over the harness's own pipes"
     unreachable: ClassVar[str] = UNREACHABLE
     noun: ClassVar[str] = "uml guest"
     console: ClassVar[str] = "console.log"

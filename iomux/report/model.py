@@ -65,6 +65,32 @@ def total_seconds(target: Dict[str, Any]) -> Optional[float]:
     return float(sum(values)) if values else None
 
 
+def reuse_line(target: Dict[str, Any]) -> Optional[str]:
+    """What became of a kept target the harness tried to take over (``--destroy``),
+    in one line; None when none was tried."""
+    reuse = target.get("reuse")
+    if not isinstance(reuse, dict):
+        return None
+    name, source = target.get("name"), reuse.get("from_run") or "?"
+    if target.get("reused") is True:
+        attach, saved = _num(reuse.get("attach_s")), _num(reuse.get("saved_s"))
+        line = f"{name}: reused the target kept by run {source}"
+        if attach is not None:
+            line += f", attached in {attach:.1f} s"
+        if saved is not None:
+            line += f", saved {saved:.1f} s of build and start"
+        return line
+    why = reuse.get("why") or "unknown"
+    if not reuse.get("from_run"):
+        return f"{name}: kept targets could not be looked for ({why})"
+    return f"{name}: the target kept by run {source} could not be reused ({why}): built and started anew"
+
+
+def reuse_lines(results: Dict[str, Any]) -> List[str]:
+    """``reuse_line`` of every target that has one."""
+    return [line for line in (reuse_line(t) for t in targets(results)) if line]
+
+
 def figure(value: Any, limit: int = 60) -> str:
     """A measured value as a short human string: numbers to 3 significant figures."""
     if value is None:

@@ -377,6 +377,7 @@ def report_html(results: Dict[str, Any], run_dir: Optional[Path] = None) -> str:
     parts += [
         "<h2>Timings</h2>",
         _timing_bars(results),
+        *[f'<p class="meta reused">{escape(line)}</p>' for line in model.reuse_lines(results)],
         "<details><summary>timings in seconds</summary>",
         f'<div class="scroll">{_timings(results)}</div></details>',
         "<details><summary>suite timings in seconds (wall against CPU: waiting or "

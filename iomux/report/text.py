@@ -223,6 +223,10 @@ def summary_md(results: Dict[str, Any]) -> str:
 
     lines += ["", "## Timings (seconds)", ""]
     lines += _md_table(["target", *model.PHASES, "total"], timings_rows(results))
+    reused = model.reuse_lines(results)
+    if reused:
+        lines += ["", "Kept targets taken over (`--destroy`):", ""]
+        lines += [f"- {_md(line)}" for line in reused]
     suite_rows = suite_timing_rows(results)
     if suite_rows:
         lines += ["", "## Suite timings (seconds)", ""]
@@ -278,6 +282,11 @@ def summary_table(results: Dict[str, Any]) -> str:
     for reason in reasons:
         lines += textwrap.wrap(reason, WIDTH, subsequent_indent="    ", break_on_hyphens=False)
     notes = []
+    saved = [t for t in model.targets(results) if t.get("reused") is True]
+    if saved:
+        notes.append("reused: " + ", ".join(
+            f"{t.get('name')} (saved {_seconds((t.get('reuse') or {}).get('saved_s')) or '?'} s)"
+            for t in saved))
     if suites:
         notes.append("suites: passed/failed/skipped")
     speed = speed_line(results)

@@ -34,7 +34,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Collection, Iterator, Sequence
 
 import pytest
 
@@ -341,8 +341,9 @@ def test_kill_9_leaves_leftovers_that_the_next_run_sweeps(tmp_path: Path,
     assert rc == 0, nxt.output()
     _assert_nothing_left(run_id)
     assert not (LIVE_DIR / f"{run_id}.lock").exists()
-    assert not [p for p in scratch if p.exists()], "the killed run's scratch directories remain"
     swept = nxt.results()["run"]["swept"]
+    assert not [p for p in scratch if p.exists()], \
+        f"the killed run's scratch directories remain; the next run swept {swept}"
     if not others:
         # No other run was alive to sweep first: this run's sweep took them.
         taken = set(swept.get("docker", []))
@@ -399,7 +400,8 @@ class _SlowStart(Driver):
     def unavailable_reason(self) -> str | None:
         return None
 
-    def sweep(self, run_id: str | None = None, targets: Sequence[Target] = ()) -> list[str]:
+    def sweep(self, run_id: str | None = None, targets: Sequence[Target] = (),
+              spare: Collection[str] = ()) -> list[str]:
         return []
 
     def build(self, target: Target, timeout: float) -> dict[str, Any]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Collection, Sequence
 
 import pytest
 
@@ -47,7 +47,8 @@ class FakeDriver(Driver):
     def unavailable_reason(self) -> str | None:
         return None
 
-    def sweep(self, run_id: str | None = None, targets: Sequence[Target] = ()) -> list[str]:
+    def sweep(self, run_id: str | None = None, targets: Sequence[Target] = (),
+              spare: Collection[str] = ()) -> list[str]:
         self._call("sweep")
         return [f"thing-of-{run_id or 'any'}"]
 
@@ -93,10 +94,11 @@ def phases(events: EventLog) -> list[str]:
 
 
 def test_the_declared_sequence() -> None:
-    assert [s.name for s in SEQUENCE] == ["sweep", "build", "start", "healthy", "test",
-                                          "logs", "destroy"]
+    assert [s.name for s in SEQUENCE] == ["sweep", "attach", "build", "start", "healthy",
+                                          "test", "logs", "keep", "destroy"]
     assert {s.name: s.where for s in SEQUENCE}["sweep"] == "controller"
     assert {s.name: s.when for s in SEQUENCE}["logs"] == "on-failure"
+    assert {s.when for s in SEQUENCE} <= set(lifecycle.WHEN)
 
 
 def test_passing_target_runs_in_order_and_is_destroyed(tmp_path: Path) -> None:

@@ -25,7 +25,7 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Collection, Iterator, Sequence
 
 import pytest
 
@@ -212,7 +212,8 @@ class RecordingDriver(DockerDriver):
         super().__init__()
         self.given: list[tuple[str | None, list[str]]] = []
 
-    def sweep(self, run_id: str | None = None, targets: Sequence[Target] = ()) -> list[str]:
+    def sweep(self, run_id: str | None = None, targets: Sequence[Target] = (),
+              spare: Collection[str] = ()) -> list[str]:
         self.given.append((run_id, [t.name for t in targets]))
         return []
 

@@ -28,7 +28,7 @@ import json
 import re
 import threading
 import time
-from typing import Any, ClassVar, Sequence
+from typing import Any, ClassVar, Collection, Sequence
 
 from harness import reasons
 from harness.drivers.base import (
@@ -89,6 +89,13 @@ class DockerDriver(ContainerTransport, Driver):
     options_required: ClassVar[frozenset[str]] = frozenset({"image"})
     options_allowed: ClassVar[frozenset[str]] = frozenset({"offline", "docker_host",
                                                                  "docker_context"})
+    keepable: ClassVar[bool] = True
+    #: What an image is built from (docker/images.py's content hash covers the same,
+    #: less the guest's wheels, which follow the target's Python in targets.toml).
+    kept_inputs: ClassVar[tuple[str, ...]] = (
+        "pyproject.toml", "README.md", "iomux", "tests/server", "tests/faults",
+        "docker/Dockerfile", "harness/drivers/docker/images.py",
+        "harness/drivers/docker/base_images.py", "harness/drivers/docker/guest_wheels.py")
 
     def __init__(self, log: Any = None) -> None:
         self._clients: dict[str, Any] = {}
@@ -160,15 +167,17 @@ class DockerDriver(ContainerTransport, Driver):
 
     # -- lifecycle ---------------------------------------------------------
 
-    def sweep(self, run_id: str | None = None, targets: Sequence[Target] = ()) -> list[str]:
+    def sweep(self, run_id: str | None = None, targets: Sequence[Target] = (),
+              spare: Collection[str] = ()) -> list[str]:
         """On the default engine and every engine ``targets`` name, remove our
         containers and networks (all of ``run_id``'s, or those whose owner process
-        died) and, without a run id, our dangling images. An engine that does not
+        died; never those named in ``spare``) and, without a run id, our dangling
+        images. An engine that does not
         answer is one line of the result, not a failure."""
         engines, removed = engines_of(targets)
         for engine in engines:
             try:
-                found = sweep_engine(self._client_of(engine), run_id)
+                found = sweep_engine(self._client_of(engine), run_id, spare)
             except Exception as exc:  # refused, no socket, TLS, ssh...
                 removed.append(f"engine {engine.label}: not swept: {one_line(exc)}")
                 continue
@@ -248,6 +257,49 @@ class DockerDriver(ContainerTransport, Driver):
         for backend in backends:
             binding = bound[f"{BACKEND_PORTS[backend]}/tcp"][0]
             instance.echo_ports[backend] = (engine.published_host, int(binding["HostPort"]))
+        return instance
+
+    def attach(self, kept: Instance, timeout: float) -> Instance | None:
+        """Take over a kept container: still running under its name, ours and of this
+        target; its echo ports read again from its published ports. A backend server
+        that no longer answers loses its ready file, so wait_healthy starts it again.
+        A container's labels cannot change: its new owner is in the kept record
+        (harness.kept_targets), which the sweep reads before it looks at labels."""
+        errors = docker_errors()
+        try:
+            container = self.client(kept.target).containers.get(kept.resource_name)
+        except errors.NotFound:
+            return None
+        labels = container.labels or {}
+        if (container.status != "running" or labels.get(LABEL_PROJECT) != PROJECT
+                or labels.get("io.iomux.target") != kept.target.name):
+            return None
+        bound = container.attrs["NetworkSettings"]["Ports"] or {}
+        instance = Instance(target=kept.target, run_id=kept.run_id,
+                            resource_name=kept.resource_name,
+                            guest=Guest(python=kept.guest.python,
+                                        tests_dir=kept.guest.tests_dir,
+                                        scratch_dir=kept.guest.scratch_dir),
+                            data={**kept.data, "container_id": container.id})
+        published = self.published_host(kept.target)
+        for backend in kept.data.get("backends", ["auto"]):
+            binding = bound.get(f"{BACKEND_PORTS[backend]}/tcp") or []
+            if not binding:
+                return None
+            instance.echo_ports[backend] = (published, int(binding[0]["HostPort"]))
+        deadline = time.monotonic() + timeout
+        for backend in instance.echo_ports:
+            if backend == "auto" or not self._read_ready(instance, backend,
+                                                         BACKEND_PORTS[backend]):
+                continue
+            check = self.exec(instance, ["iomux", "check", f"127.0.0.1:{BACKEND_PORTS[backend]}",
+                                         "--timeout", "2"],
+                              max(5.0, min(10.0, deadline - time.monotonic())))
+            if check.rc != 0:
+                self.exec(instance, ["rm", "-f", _ready_file(backend)], 10)
+        # wait_healthy reads every ready file again.
+        instance.guest.guest_ports.clear()
+        instance.guest.server_pids.clear()
         return instance
 
     def echo_address(self, instance: Instance, backend: str = "auto") -> tuple[str, int]:

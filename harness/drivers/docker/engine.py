@@ -11,7 +11,7 @@ import io
 import re
 import tarfile
 import time
-from typing import Any
+from typing import Any, Collection
 
 from harness.drivers.base import LABEL_PROJECT, LABEL_RUN, PROJECT, TargetError, owner_alive
 
@@ -78,15 +78,18 @@ def remove_container(container: Any, settle: float = 30.0) -> bool:
     return False
 
 
-def sweep_engine(client: Any, run_id: str | None = None) -> list[str]:
+def sweep_engine(client: Any, run_id: str | None = None, spare: Collection[str] = ()) -> list[str]:
     """Remove our containers and networks (all of ``run_id``'s, or those whose
-    owner process died) and, without a run id, our dangling images."""
+    owner process died; never those named in ``spare``, kept targets) and, without
+    a run id, our dangling images."""
     errors = docker_errors()
     labels = [f"{LABEL_PROJECT}={PROJECT}"]
     if run_id is not None:
         labels.append(f"{LABEL_RUN}={run_id}")
 
-    def doomed(obj_labels: dict[str, str] | None) -> bool:
+    def doomed(obj_labels: dict[str, str] | None, name: str) -> bool:
+        if name in spare:
+            return False  # a kept target (harness.kept_targets)
         obj_labels = obj_labels or {}
         if run_id is not None:
             return True
@@ -95,10 +98,10 @@ def sweep_engine(client: Any, run_id: str | None = None) -> list[str]:
 
     removed: list[str] = []
     for container in client.containers.list(all=True, filters={"label": labels}):
-        if doomed(container.labels) and remove_container(container):
+        if doomed(container.labels, container.name) and remove_container(container):
             removed.append(f"container {container.name}")
     for network in client.networks.list(filters={"label": labels}):
-        if doomed(network.attrs.get("Labels")):
+        if doomed(network.attrs.get("Labels"), network.name):
             try:
                 network.remove()
                 removed.append(f"network {network.name}")

@@ -34,7 +34,7 @@ import socket
 import sys
 import time
 from pathlib import Path
-from typing import ClassVar, Mapping, Sequence
+from typing import Any, ClassVar, Collection, Mapping, Sequence
 
 from harness.drivers.base import (
     BACKEND_PORTS,
@@ -114,6 +114,13 @@ class VagrantDriver(VagrantBoxes, SSHTransport, Driver):
     #: from (FreeBSDImage); ``test_scale``: the fault suite's scale (default 0.25).
     options_required: ClassVar[frozenset[str]] = frozenset({"box"})
     options_allowed: ClassVar[frozenset[str]] = frozenset({"freebsd", "test_scale"})
+    keepable: ClassVar[bool] = True
+    #: What goes into the VM: the box's recipe, the Vagrantfile and its provisioner,
+    #: and the parts of the rsync'd tree the guest runs (iomux and the in-guest suites).
+    kept_inputs: ClassVar[tuple[str, ...]] = (
+        "pyproject.toml", "README.md", "iomux", "tests/server", "tests/faults",
+        "vagrant/Vagrantfile", "vagrant/provision.sh", "vagrant/box")
+
 
     # -- availability ---------------------------------------------------------------------
 
@@ -281,6 +288,33 @@ class VagrantDriver(VagrantBoxes, SSHTransport, Driver):
         """The machine's name: the Host of ``vagrant ssh-config``."""
         return str(instance.data["machine"])
 
+    def kept_recipe(self, target: Target) -> dict[str, Any]:
+        """The box the VM boots (``IOMUX_BOX_<TARGET>`` may name another)."""
+        return {"box": self.box_for(target)}
+
+    def attach(self, kept: Instance, timeout: float) -> Instance | None:
+        """Take over a kept VM: its run directory and ssh_config still there, its
+        libvirt domain running, and a command over SSH answered. Its owner.json then
+        names this process, so that a sweep leaves it to this run."""
+        run_dir = Path(str(kept.data.get("dir", "")))
+        config = kept.data.get("ssh_config")
+        owner_file = run_dir / "owner.json"
+        if not config or not Path(str(config)).is_file() or not owner_file.is_file():
+            return None
+        state = run_argv(["virsh", "-c", self._libvirt_uri(), "domstate", kept.resource_name],
+                         60, "virsh domstate")
+        if state.rc != 0 or state.stdout.strip() != "running":
+            return None
+        probe = self.exec(kept, ["true"], max(10.0, min(timeout, 120.0)))
+        if probe.rc != 0:
+            return None
+        owner = json.loads(owner_file.read_text())
+        owner["pid"] = os.getpid()
+        tmp = owner_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(owner, indent=1))
+        os.replace(tmp, owner_file)
+        return kept
+
     # -- use ------------------------------------------------------------------------------
 
     def wait_healthy(self, instance: Instance, timeout: float) -> None:
@@ -353,8 +387,10 @@ class VagrantDriver(VagrantBoxes, SSHTransport, Driver):
             removed.append(f"libvirt domain {name}")
         return removed
 
-    def sweep(self, run_id: str | None = None, targets: Sequence[Target] = ()) -> list[str]:
-        """Destroy VMs of earlier runs: their run directories first, then stray domains."""
+    def sweep(self, run_id: str | None = None, targets: Sequence[Target] = (),
+              spare: Collection[str] = ()) -> list[str]:
+        """Destroy VMs of earlier runs (never those named in ``spare``): their run
+        directories first, then stray domains."""
         removed: list[str] = []
         if STATE_ROOT.is_dir():
             for run_dir in sorted(p for p in STATE_ROOT.iterdir() if p.is_dir()):
@@ -365,6 +401,8 @@ class VagrantDriver(VagrantBoxes, SSHTransport, Driver):
                     continue
                 if owner.get(LABEL_PROJECT) != PROJECT:
                     continue
+                if f"{DOMAIN_PREFIX}{owner.get('tag')}-{owner.get('machine')}" in spare:
+                    continue  # a kept target (harness.kept_targets)
                 if run_id is not None and owner.get(LABEL_RUN) != run_id:
                     continue
                 # Without a run id, a directory whose owner is alive belongs to a run
