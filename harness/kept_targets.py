@@ -38,16 +38,8 @@ import re
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-from harness.drivers.base import (
-    Driver,
-    Guest,
-    Instance,
-    StepTimeout,
-    Target,
-    exclusive_lock,
-    owner_alive,
-    owner_label,
-)
+from harness.drivers.base import Driver, Guest, Instance, StepTimeout, Target
+from harness.drivers.owners import exclusive_lock, owner_alive, owner_label
 
 #: The checkout whose files go into the targets.
 REPO = Path(__file__).resolve().parents[1]

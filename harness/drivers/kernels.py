@@ -30,10 +30,9 @@ from harness.drivers.base import (
     Target,
     TargetError,
     TargetUnavailable,
-    owner_alive,
-    owner_label,
 )
 from harness.drivers.kernel_builds import KernelBinary, kernel_binary
+from harness.drivers.owners import owner_alive, owner_label
 from harness.drivers.userland import ensure_rootfs, userland_unavailable_reason
 
 #: Where the userland (docker/Dockerfile) has the in-guest suite and its Python.

@@ -20,7 +20,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from harness.drivers.base import LABEL_PROJECT, PROJECT, Target, TargetError, owner_label
+from harness.drivers.base import LABEL_PROJECT, PROJECT, Target, TargetError
+from harness.drivers.owners import owner_label
 
 ROOTFS_DIR = Path(os.environ.get("IOMUX_ROOTFS_DIR", "/var/cache/iomux/rootfs"))
 #: The docker target whose image is the userland of every gvisor/uml target.

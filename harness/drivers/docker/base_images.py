@@ -41,11 +41,11 @@ from harness.drivers.base import (
     TargetError,
     TargetUnavailable,
     call_with_timeout,
-    exclusive_lock,
     one_line,
     run_argv,
 )
 from harness.drivers.docker.engine import docker_errors
+from harness.drivers.owners import exclusive_lock
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 BASE_REPO = "iomux-base/debian"

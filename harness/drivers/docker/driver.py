@@ -24,7 +24,6 @@ Facts about the engine this relies on:
 from __future__ import annotations
 
 import contextlib
-import json
 import re
 import threading
 import time
@@ -44,13 +43,8 @@ from harness.drivers.base import (
     Target,
     TargetError,
     one_line,
-    owner_label,
     serve_argv,
 )
-
-# Owner liveness is every driver's (harness.drivers.base); re-exported for the
-# tests that know it from here.
-from harness.drivers.base import owner_alive as owner_alive
 from harness.drivers.docker.engine import (
     LABEL_OWNER,
     LABEL_WORKER,
@@ -62,7 +56,12 @@ from harness.drivers.docker.engine import (
 )
 from harness.drivers.docker.engines import Engine, engines_of, resolve_engine
 from harness.drivers.docker.images import BuildResult, ImageBuilder
-from harness.drivers.docker.transport import ContainerTransport, serve_log
+from harness.drivers.docker.servers import BackendServers, ready_file
+
+# Owner liveness is every driver's (harness.drivers.base); re-exported for the
+# tests that know it from here.
+from harness.drivers.owners import owner_alive as owner_alive
+from harness.drivers.owners import owner_label
 from harness.reasons import Reason
 
 #: The in-container user (docker/Dockerfile); anything but root.
@@ -73,11 +72,7 @@ PIDS_LIMIT = 512
 HEALTH_INTERVAL_S = 2.0
 
 
-def _ready_file(backend: str) -> str:
-    return f"/tmp/iomux-ready-{backend}.json"
-
-
-class DockerDriver(ContainerTransport, Driver):
+class DockerDriver(BackendServers, Driver):
     """Linux container targets on a Docker engine."""
 
     kind: ClassVar[str] = "docker"
@@ -221,7 +216,7 @@ class DockerDriver(ContainerTransport, Driver):
             client.networks.create(name, driver="bridge", labels=labels, check_duplicate=True)
             container = client.containers.run(
                 self._images.get(target.name, f"iomux/{target.name}:latest"),
-                command=serve_argv("auto", ECHO_PORT, "0.0.0.0", ready_file=_ready_file("auto")),
+                command=serve_argv("auto", ECHO_PORT, "0.0.0.0", ready_file=ready_file("auto")),
                 name=name, hostname=re.sub(r"[^a-zA-Z0-9-]", "-", target.name)[:63],
                 detach=True, labels=labels, network=name, ports=ports,
                 user=CONTAINER_USER, read_only=True,
@@ -296,20 +291,11 @@ class DockerDriver(ContainerTransport, Driver):
                                          "--timeout", "2"],
                               max(5.0, min(10.0, deadline - time.monotonic())))
             if check.rc != 0:
-                self.exec(instance, ["rm", "-f", _ready_file(backend)], 10)
+                self.exec(instance, ["rm", "-f", ready_file(backend)], 10)
         # wait_healthy reads every ready file again.
         instance.guest.guest_ports.clear()
         instance.guest.server_pids.clear()
         return instance
-
-    def echo_address(self, instance: Instance, backend: str = "auto") -> tuple[str, int]:
-        """The engine's published host (127.0.0.1 for a local one) and the host port
-        published for ``backend``'s container port."""
-        try:
-            return instance.echo_ports[backend]
-        except KeyError:
-            raise TargetError(f"{instance.target.name}: no port is published for backend "
-                              f"{backend!r}") from None
 
     @staticmethod
     def _last_log_line(container: Any) -> str:
@@ -329,18 +315,6 @@ class DockerDriver(ContainerTransport, Driver):
         self._wait_health_status(instance, deadline, timeout)
         self._read_ready(instance, "auto", ECHO_PORT)
         self._await_backends(instance, execs, deadline, timeout)
-
-    def _read_ready(self, instance: Instance, backend: str, port: int) -> bool:
-        probe = self.exec(instance, ["cat", _ready_file(backend)], timeout=10)
-        if probe.rc != 0 or not probe.stdout.strip():
-            return False
-        try:
-            info = json.loads(probe.stdout)
-        except ValueError:
-            return False  # written atomically, so only a foreign file could be torn
-        instance.guest.guest_ports[backend] = port
-        instance.guest.server_pids[backend] = int(info.get("pid", 0))
-        return True
 
     def _wait_health_status(self, instance: Instance, deadline: float, timeout: float) -> None:
         container = self._container(instance)
@@ -362,60 +336,6 @@ class DockerDriver(ContainerTransport, Driver):
                 raise StepTimeout(f"healthy: {instance.resource_name} not healthy after "
                                   f"{timeout:g}s ({last})")
             time.sleep(0.25)
-
-    def start_backend_server(self, instance: Instance, backend: str,
-                             timeout: float = 30.0) -> tuple[str, int]:
-        """Start ``iomux serve --backend B`` on B's own port, detached, and wait for
-        its ready file; return its published (host, port)."""
-        if backend == "auto":
-            return self.echo_address(instance, "auto")
-        exec_id = self._launch_backend(instance, backend)
-        self._await_backends(instance, {backend: exec_id}, time.monotonic() + timeout, timeout)
-        return self.echo_address(instance, backend)
-
-    def _launch_backend(self, instance: Instance, backend: str) -> str | None:
-        """Start B's server detached; None when it is running already."""
-        if backend not in BACKEND_PORTS:
-            raise TargetError(f"{instance.target.name}: unknown backend {backend!r}")
-        self.echo_address(instance, backend)  # a port must be published for it
-        port = BACKEND_PORTS[backend]
-        if self._read_ready(instance, backend, port):
-            return None
-        api = self.client(instance.target).api
-        # The engine keeps nothing of a detached exec's output, so the server's goes to
-        # a file in the container's /tmp that save_logs brings back. The script is a
-        # constant; the log's path and the command line are its arguments, never text.
-        argv = ["sh", "-c", 'log=$1; shift; exec "$@" >"$log" 2>&1', "sh", serve_log(backend),
-                *serve_argv(backend, port, "0.0.0.0", ready_file=_ready_file(backend),
-                            quiet=True)]
-        exec_id = api.exec_create(self._container(instance).id, argv)["Id"]
-        api.exec_start(exec_id, detach=True)
-        return str(exec_id)
-
-    def _await_backends(self, instance: Instance, execs: dict[str, str | None],
-                        deadline: float, timeout: float) -> None:
-        api = self.client(instance.target).api
-        pending = {b: e for b, e in execs.items() if e is not None}
-        while pending:
-            for backend, exec_id in list(pending.items()):
-                if self._read_ready(instance, backend, BACKEND_PORTS[backend]):
-                    del pending[backend]
-                    continue
-                state = api.exec_inspect(exec_id)
-                if state.get("Running"):
-                    continue
-                # gone: a usage error (backend unavailable here) or a crash; it may
-                # still have written its ready file just before a later failure
-                if self._read_ready(instance, backend, BACKEND_PORTS[backend]):
-                    del pending[backend]
-                    continue
-                raise TargetError(f"{instance.resource_name}: iomux serve --backend {backend} "
-                                  f"exited with {state.get('ExitCode')} before it was ready")
-            if pending and time.monotonic() > deadline:
-                raise StepTimeout(f"healthy: {instance.resource_name}: no ready file after "
-                                  f"{timeout:g}s for {', '.join(pending)}")
-            if pending:
-                time.sleep(0.2)
 
     def destroy(self, instance: Instance, timeout: float) -> None:
         """Force-remove the container and its network; absent ones are fine."""

@@ -13,7 +13,8 @@ import tarfile
 import time
 from typing import Any, Collection
 
-from harness.drivers.base import LABEL_PROJECT, LABEL_RUN, PROJECT, TargetError, owner_alive
+from harness.drivers.base import LABEL_PROJECT, LABEL_RUN, PROJECT, TargetError
+from harness.drivers.owners import owner_alive
 
 #: "<hostname>:<pid>:<process start ticks>" of the harness process that created
 #: a resource; the sweep removes resources whose owner is provably gone.

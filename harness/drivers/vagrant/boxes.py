@@ -19,7 +19,8 @@ import time
 from pathlib import Path
 from typing import Any, ClassVar
 
-from harness.drivers.base import Target, TargetError, TargetUnavailable, exclusive_lock, run_argv
+from harness.drivers.base import Target, TargetError, TargetUnavailable, run_argv
+from harness.drivers.owners import exclusive_lock
 from harness.drivers.ssh import last_line
 
 ROOT = Path(__file__).resolve().parents[3]

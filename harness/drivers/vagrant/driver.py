@@ -48,9 +48,9 @@ from harness.drivers.base import (
     StepTimeout,
     Target,
     TargetError,
-    pid_alive,
     run_argv,
 )
+from harness.drivers.owners import pid_alive
 from harness.drivers.ssh import SSHTransport, last_line, shared_connection
 from harness.drivers.vagrant.boxes import (
     ROOT,
@@ -59,7 +59,7 @@ from harness.drivers.vagrant.boxes import (
     VagrantBoxes,
     box_override_var,
 )
-from harness.reasons import Reason
+from harness.drivers.vagrant.libvirt import LibvirtDomains
 
 DOMAIN_PREFIX = "iomux-"
 #: Where the Vagrantfile's rsync synced folder puts the working tree in the guest.
@@ -102,7 +102,7 @@ def keep_newest(directory: Path, keep: int) -> list[Path]:
     return removed
 
 
-class VagrantDriver(VagrantBoxes, SSHTransport, Driver):
+class VagrantDriver(VagrantBoxes, LibvirtDomains, SSHTransport, Driver):
     """VMs through vagrant: libvirt here (QEMU emulation), VirtualBox or libvirt elsewhere."""
 
     kind: ClassVar[str] = "vagrant"
@@ -124,9 +124,6 @@ class VagrantDriver(VagrantBoxes, SSHTransport, Driver):
 
     # -- availability ---------------------------------------------------------------------
 
-    def _libvirt_uri(self) -> str:
-        return os.environ.get("LIBVIRT_DEFAULT_URI", "qemu:///system")
-
     def unavailable_reason(self) -> str | None:
         """None if vagrant and a hypervisor it can drive are here, else why not."""
         if shutil.which("vagrant") is None:
@@ -143,23 +140,6 @@ class VagrantDriver(VagrantBoxes, SSHTransport, Driver):
         if want not in ("", "libvirt", "virtualbox"):
             return f"no hypervisor: VAGRANT_DEFAULT_PROVIDER={want} (use libvirt or virtualbox)"
         return libvirt  # it names what is missing and what to do
-
-    def _libvirt_missing(self) -> str | None:
-        if shutil.which("virsh") is None:
-            return "libvirt not installed (apt-get install libvirt-daemon-system)"
-        if shutil.which("qemu-system-x86_64") is None:
-            return "QEMU not installed (apt-get install qemu-system-x86)"
-        try:
-            plugins = run_argv(["vagrant", "plugin", "list"], 60, "vagrant plugin list")
-            if "vagrant-libvirt" not in plugins.stdout:
-                return "vagrant-libvirt plugin missing (apt-get install vagrant-libvirt)"
-            ver = run_argv(["virsh", "-c", self._libvirt_uri(), "version"], 30, "virsh version")
-        except (StepTimeout, TargetError) as exc:
-            return f"libvirt check failed: {exc} (sudo make setup)"
-        if ver.rc != 0:
-            return Reason(f"libvirtd does not answer on {self._libvirt_uri()} (sudo make setup)",
-                          last_line(ver.stderr))
-        return None
 
     # -- start ----------------------------------------------------------------------------
 
@@ -301,9 +281,7 @@ class VagrantDriver(VagrantBoxes, SSHTransport, Driver):
         owner_file = run_dir / "owner.json"
         if not config or not Path(str(config)).is_file() or not owner_file.is_file():
             return None
-        state = run_argv(["virsh", "-c", self._libvirt_uri(), "domstate", kept.resource_name],
-                         60, "virsh domstate")
-        if state.rc != 0 or state.stdout.strip() != "running":
+        if self._domain_state(kept.resource_name) != "running":
             return None
         probe = self.exec(kept, ["true"], max(10.0, min(timeout, 120.0)))
         if probe.rc != 0:
@@ -367,25 +345,6 @@ class VagrantDriver(VagrantBoxes, SSHTransport, Driver):
         finally:
             self._remove_domains(instance.resource_name)
             shutil.rmtree(run_dir, ignore_errors=True)
-
-    def _domains(self) -> list[str]:
-        if shutil.which("virsh") is None:
-            return []
-        res = run_argv(["virsh", "-c", self._libvirt_uri(), "list", "--all", "--name"], 60,
-                       "virsh list")
-        return [name.strip() for name in res.stdout.splitlines() if name.strip()]
-
-    def _remove_domains(self, prefix: str) -> list[str]:
-        removed = []
-        for name in self._domains():
-            if not name.startswith(prefix):
-                continue
-            uri = self._libvirt_uri()
-            run_argv(["virsh", "-c", uri, "destroy", name], 60, "virsh destroy")
-            run_argv(["virsh", "-c", uri, "undefine", name, "--remove-all-storage", "--nvram"], 60,
-                     "virsh undefine")
-            removed.append(f"libvirt domain {name}")
-        return removed
 
     def sweep(self, run_id: str | None = None, targets: Sequence[Target] = (),
               spare: Collection[str] = ()) -> list[str]:
