@@ -15,7 +15,8 @@ from typing import Any
 
 import pytest
 
-from harness.drivers.base import TargetError
+from harness.drivers.base import TargetError, one_line
+from harness.results import MESSAGE_LIMIT
 from harness.running_target import RunningTarget
 
 #: The behaviour suite takes about a minute here; a VM under emulation is slower.
@@ -81,7 +82,7 @@ def parse_junit(path: Path, via: str, suite: str = "in-guest") -> list[dict[str,
         entry: dict[str, Any] = {"suite": suite, "name": name, "outcome": outcome,
                                  "duration": round(float(case.get("time") or 0), 4), "via": via}
         if message:
-            entry["message"] = message.strip().splitlines()[0][:300] if message.strip() else ""
+            entry["message"] = one_line(message, MESSAGE_LIMIT)
         tests.append(entry)
     return tests
 

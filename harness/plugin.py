@@ -45,7 +45,7 @@ import pytest
 from harness import results, runs
 from harness import targets as targets_mod
 from harness.drivers import DriverUnavailable, get_driver
-from harness.drivers.base import StepTimeout, Target, TargetError
+from harness.drivers.base import StepTimeout, Target, TargetError, one_line
 from harness.lifecycle import DESTROY_POLICIES, TargetLifecycle, destroy_policy
 from harness.progress import EventLog, ProgressView
 from harness.running_target import RunningTarget
@@ -399,7 +399,7 @@ def running_target(target: Target, pytestconfig: pytest.Config) -> Iterator[Runn
             harness.events.emit(target.name, "not_run", reason=why)
             pytest.skip(f"not run: {why}")
         harness.failed_targets.add(target.name)
-        pytest.fail(f"{target.name}: {results.first_line(exc)}", pytrace=False)
+        pytest.fail(f"{target.name}: {one_line(exc, results.MESSAGE_LIMIT)}", pytrace=False)
     try:
         yield running
     finally:

@@ -22,7 +22,7 @@ from typing import Any, Mapping, Sequence
 import pytest
 
 from harness import reasons
-from harness.drivers.base import Target, TargetUnavailable
+from harness.drivers.base import Target, TargetUnavailable, one_line
 from harness.lifecycle import steps_seconds
 from harness.progress import iter_events
 
@@ -44,10 +44,8 @@ def now_iso() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
-def first_line(text: object) -> str:
-    """The first line of ``text``, at most 300 characters: a test's message."""
-    lines = str(text).strip().splitlines()
-    return lines[0][:300] if lines else ""
+#: The longest message of one test in results.json (``one_line``'s cut).
+MESSAGE_LIMIT = 300
 
 
 def _cpu_seconds() -> float:
@@ -138,12 +136,12 @@ class ResultsBuilder:
             record["outcome"] = "failed" if report.when == "call" else "error"
             crash = getattr(report.longrepr, "reprcrash", None)
             text = getattr(crash, "message", None) or report.longreprtext.strip()
-            record.setdefault("message", first_line(text))
+            record.setdefault("message", one_line(text, MESSAGE_LIMIT))
         elif report.skipped:
             if record["outcome"] is None:
                 record["outcome"] = "xfailed" if xfail else "skipped"
                 if isinstance(report.longrepr, tuple):
-                    record["message"] = first_line(report.longrepr[2])
+                    record["message"] = one_line(report.longrepr[2], MESSAGE_LIMIT)
         elif report.when == "call" and record["outcome"] is None:
             record["outcome"] = "xpassed" if xfail else "passed"
 
@@ -330,7 +328,7 @@ def write_report(run_dir: Path, results: dict[str, Any]) -> str:
     except Exception as exc:  # the report writer's failure must not hide the run's outcome
         (run_dir / "results.json").write_text(json.dumps(results, indent=2,
                                                          default=str) + "\n")
-        return f"report writer failed ({type(exc).__name__}: {first_line(exc)}); " \
+        return f"report writer failed ({type(exc).__name__}: {one_line(exc, MESSAGE_LIMIT)}); " \
                f"results.json written without it"
 
 
