@@ -214,9 +214,22 @@ start_libvirt() {
 }
 
 # -- stop --------------------------------------------------------------------------------
+# The kinds of the targets a run kept (--destroy=never|passing): the records of
+# harness/kept_targets.py, one JSON file each with its "kind". A stopped dockerd
+# stops its containers, so the next run could not take a kept one over: dockerd
+# stays up while a kept docker target needs it. (A running libvirt domain outlives
+# libvirtd, which the next run's set-up starts again: libvirtd is stopped as ever.)
+kept_kinds() {
+  local store=${IOMUX_KEPT_DIR:-/var/tmp/iomux-kept}
+  [[ -d $store ]] || return 0
+  { grep -ho '"kind": *"[a-z]*"' "$store"/*.json 2>/dev/null || true; } \
+    | sed 's/.*"\([a-z]*\)"$/\1/' | sort -u
+}
+
 stop_ours() {
   [[ -s $STATE ]] || { rm -f "$STATE"; return 0; }
-  local name pid comm _
+  local name pid comm _ kept
+  kept=$(kept_kinds)
   # Newest first: libvirtd before virtlogd.
   while read -r name pid; do
     [[ $pid =~ ^[0-9]+$ ]] || continue
@@ -224,6 +237,11 @@ stop_ours() {
     if [[ -z $comm ]] || ! kill -0 "$pid" 2>/dev/null; then continue; fi
     if [[ $comm != "$name"* ]]; then
       say "$name (pid $pid) is gone; pid now belongs to $comm: left alone"; continue
+    fi
+    if [[ $name == dockerd ]] && grep -qx docker <<<"$kept"; then
+      say "leaving dockerd up (pid $pid): kept docker targets need it (a run with" \
+          "--destroy=always removes them; then stop it: kill $pid)"
+      continue
     fi
     say "stopping $name (pid $pid)"
     "${SUDO[@]}" kill -TERM "$pid" 2>/dev/null || true

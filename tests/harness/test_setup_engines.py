@@ -142,6 +142,26 @@ def test_root_installs_starts_is_idempotent_and_stops_only_its_own(
             subprocess.run(["sleep", "0.1"], check=False)
 
 
+def test_stop_leaves_dockerd_up_while_a_kept_docker_target_needs_it(
+        machine: dict[str, Path]) -> None:
+    machine["uid"].write_text("0\n")
+    assert run(machine, "start", "docker").returncode == 0
+    pid = int(machine["up"].read_text())
+    store = machine["tmp"] / "kept"
+    store.mkdir()
+    record = store / "iomux-run-gw0-debian-12.json"  # as harness.kept_targets writes one
+    record.write_text('{\n "hash": "abc",\n "kind": "docker",\n "target": "debian-12"\n}\n')
+    kept = run(machine, "stop", IOMUX_KEPT_DIR=str(store))
+    assert kept.returncode == 0
+    assert f"leaving dockerd up (pid {pid}): kept docker targets need it" in kept.stdout
+    os.kill(pid, 0)  # still running
+    # With the kept record gone (a --destroy=always run took it), stop stops it.
+    record.unlink()
+    (machine["tmp"] / "state").write_text(f"dockerd {pid}\n")
+    stop = run(machine, "stop", IOMUX_KEPT_DIR=str(store))
+    assert f"stopping dockerd (pid {pid})" in stop.stdout, stop.stdout + stop.stderr
+
+
 def test_stop_leaves_a_daemon_it_did_not_start(machine: dict[str, Path]) -> None:
     # A pid in the state file that now belongs to another program is left alone.
     sleeper = subprocess.Popen(["sleep", "30"])
