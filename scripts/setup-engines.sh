@@ -53,6 +53,8 @@ set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 REPO=$(dirname "$HERE")
 STATE=${IOMUX_SETUP_STATE:-/var/tmp/iomux-setup/state}
+#: Daemons a stop left up for kept targets (see stop_ours), one "NAME PID" a line.
+LEFT_UP=${IOMUX_SETUP_LEFT_UP:-/var/tmp/iomux-setup/left-up}
 LOG_DIR=${IOMUX_SETUP_LOG_DIR:-/var/log}
 QEMU_CONF=${IOMUX_QEMU_CONF:-/etc/libvirt/qemu.conf}
 KERNELS=${IOMUX_FETCH_KERNELS:-$HERE/fetch-kernels.sh}
@@ -227,9 +229,15 @@ kept_kinds() {
 }
 
 stop_ours() {
-  [[ -s $STATE ]] || { rm -f "$STATE"; return 0; }
   local name pid comm _ kept
   kept=$(kept_kinds)
+  # A dockerd an earlier run left up for its kept targets is stopped by the first
+  # run that finds none kept any more (a --destroy=always run took them).
+  if [[ -s $LEFT_UP ]] && ! grep -qx docker <<<"$kept"; then
+    cat "$LEFT_UP" >>"$STATE"
+    rm -f "$LEFT_UP"
+  fi
+  [[ -s $STATE ]] || { rm -f "$STATE"; return 0; }
   # Newest first: libvirtd before virtlogd.
   while read -r name pid; do
     [[ $pid =~ ^[0-9]+$ ]] || continue
@@ -239,8 +247,10 @@ stop_ours() {
       say "$name (pid $pid) is gone; pid now belongs to $comm: left alone"; continue
     fi
     if [[ $name == dockerd ]] && grep -qx docker <<<"$kept"; then
-      say "leaving dockerd up (pid $pid): kept docker targets need it (a run with" \
-          "--destroy=always removes them; then stop it: kill $pid)"
+      say "leaving dockerd up (pid $pid): kept docker targets need it (the run that" \
+          "removes them, --destroy=always, stops it)"
+      mkdir -p "$(dirname "$LEFT_UP")"
+      echo "$name $pid" >>"$LEFT_UP"
       continue
     fi
     say "stopping $name (pid $pid)"

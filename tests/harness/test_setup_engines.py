@@ -77,6 +77,7 @@ def machine(tmp_path: Path) -> Iterator[dict[str, Path]]:
 def run(machine: dict[str, Path], *args: str, **env: str) -> subprocess.CompletedProcess[str]:
     full = {"PATH": str(machine["bin"]), "HOME": str(machine["tmp"]),
             "IOMUX_SETUP_STATE": str(machine["tmp"] / "state"),
+            "IOMUX_SETUP_LEFT_UP": str(machine["tmp"] / "left-up"),
             "IOMUX_SETUP_LOG_DIR": str(machine["tmp"]), "IOMUX_SETUP_WAIT": "10",
             "IOMUX_QEMU_CONF": str(machine["tmp"] / "qemu.conf"), **env}
     return subprocess.run(["bash", str(SCRIPT), *args], capture_output=True, text=True,
@@ -155,11 +156,13 @@ def test_stop_leaves_dockerd_up_while_a_kept_docker_target_needs_it(
     assert kept.returncode == 0
     assert f"leaving dockerd up (pid {pid}): kept docker targets need it" in kept.stdout
     os.kill(pid, 0)  # still running
-    # With the kept record gone (a --destroy=always run took it), stop stops it.
+    # A later run found dockerd up (it starts nothing, its state file is empty) and
+    # took the kept target: its stop stops the dockerd the first run left up.
     record.unlink()
-    (machine["tmp"] / "state").write_text(f"dockerd {pid}\n")
+    (machine["tmp"] / "state").write_text("")
     stop = run(machine, "stop", IOMUX_KEPT_DIR=str(store))
     assert f"stopping dockerd (pid {pid})" in stop.stdout, stop.stdout + stop.stderr
+    assert not (machine["tmp"] / "left-up").exists()
 
 
 def test_stop_leaves_a_daemon_it_did_not_start(machine: dict[str, Path]) -> None:
@@ -183,7 +186,8 @@ def test_make_runs_stop_when_the_tests_fail(machine: dict[str, Path], tmp_path: 
                     " *) exit 1;; esac\n")
     fake.chmod(0o755)
     env = {**a_users_shell(), "PATH": f"{machine['bin']}", "IOMUX_SETUP_LOG_DIR": str(tmp_path),
-           "IOMUX_SETUP_WAIT": "10", "TMPDIR": str(tmp_path)}
+           "IOMUX_SETUP_WAIT": "10", "TMPDIR": str(tmp_path),
+           "IOMUX_SETUP_LEFT_UP": str(tmp_path / "left-up")}
     proc = subprocess.run(["make", "-o", ".venv/.installed", "test-all-os", f"PY={fake}"],
                           cwd=REPO, capture_output=True, text=True, timeout=120, env=env,
                           check=False)
@@ -229,7 +233,8 @@ def test_make_runs_stop_on_ctrl_c(machine: dict[str, Path], tmp_path: Path) -> N
                     f" *) touch {tmp_path}/testing; exec sleep 60;; esac\n")
     fake.chmod(0o755)
     env = {**a_users_shell(), "PATH": f"{machine['bin']}", "IOMUX_SETUP_LOG_DIR": str(tmp_path),
-           "IOMUX_SETUP_WAIT": "10", "TMPDIR": str(tmp_path)}
+           "IOMUX_SETUP_WAIT": "10", "TMPDIR": str(tmp_path),
+           "IOMUX_SETUP_LEFT_UP": str(tmp_path / "left-up")}
     # SIGINT as a terminal's foreground job has it: under a parent that ignores it
     # (a background job, a CI step) make, its shell and sleep would inherit SIG_IGN,
     # and a shell cannot trap a signal that was ignored when it started.
