@@ -9,7 +9,12 @@ client to another, so they never compete for a CPU with each other.
 CPU time still moves with whatever else runs on the machine, so beside it go
 counts that do not (bench/counts.py): system calls, wake-ups and events per
 wake-up over a fixed number of requests, and instructions per request under
-callgrind. A goal on CPU time counts as met only when its worst round meets it.
+callgrind. A goal on CPU time counts as met only when its worst round meets it,
+and one that is missed says what holds it back (``held_back``): user time per
+request holds from round to round, kernel time moves with the wake-up pattern,
+so each goal is also worked out with iomux's kernel time and the peer's user
+time (the best any change to iomux's code could do in that run) and the other
+way round (the user-space code's own verdict).
 """
 
 from __future__ import annotations
@@ -202,17 +207,63 @@ def _round_cpu(servers: Json, name: str, key: str) -> list[float | None]:
     ]
 
 
+def _round_split(servers: Json, name: str, key: str) -> list[tuple[float, float] | None]:
+    """One server's (user, sys) microseconds per request in each round of one cell."""
+    runs = servers.get(name, {}).get("results", {}).get(key, {}).get("runs", [])
+    return [
+        None
+        if r.get("error") or r.get("user_per_req_us") is None or r.get("sys_per_req_us") is None
+        else (float(r["user_per_req_us"]), float(r["sys_per_req_us"]))
+        for r in runs
+    ]
+
+
+def held_back(ours: list[tuple[float, float] | None], theirs: list[tuple[float, float] | None],
+              limit: float) -> Json:
+    """What keeps a CPU goal from being met, from the user/sys split of the paired rounds.
+
+    Two counterfactual ratios per round, each worst over the rounds as the verdict is:
+    ``at_peer_user``, iomux's kernel time with the peer's user time (the best any
+    change to iomux's own code could give in this run), and ``at_peer_kernel``,
+    iomux's user time with the peer's kernel time (the verdict on the user-space
+    code alone). Kernel time moves with the wake-up pattern and the machine;
+    user time per request holds to a few per cent from round to round.
+    """
+    pairs = [(a, b) for a, b in zip(ours, theirs) if a is not None and b is not None]
+    if not pairs:
+        return {"kernel_share": None, "user_ratio": None, "at_peer_user": None,
+                "at_peer_kernel": None, "by": None}  # fmt: skip
+    at_peer_user = max((b[0] + a[1]) / sum(b) for a, b in pairs)
+    at_peer_kernel = max((a[0] + b[1]) / sum(b) for a, b in pairs)
+    share = statistics.median(a[1] / sum(a) for a, _ in pairs)
+    user_ratios = [a[0] / b[0] for a, b in pairs if b[0] > 0]
+    user_ratio = statistics.median(user_ratios) if user_ratios else None
+    if at_peer_user > limit:
+        by = (f"kernel time: with {at_peer_user:.3f} at the peer's user time, no change to "
+              f"iomux's own code meets it in this run (kernel {share:.0%} of iomux's CPU)")
+    elif at_peer_kernel > limit:
+        times = "" if user_ratio is None else f" (user time {user_ratio:.2f}x the peer's)"
+        by = f"user space: {at_peer_kernel:.3f} at the peer's kernel time{times}"
+    else:
+        by = (f"neither alone: {at_peer_user:.3f} at the peer's user time, {at_peer_kernel:.3f} "
+              "at its kernel time")
+    return {"kernel_share": share, "user_ratio": user_ratio, "at_peer_user": at_peer_user,
+            "at_peer_kernel": at_peer_kernel, "by": by}  # fmt: skip
+
+
 def goals(servers: Json, configs: list[tuple[int, int]] | None = None) -> list[Json]:
     """The issue's CPU goals, per goal configuration: ratios per round, verdict on the worst.
 
     Round i of iomux-epoll is paired with round i of the peer (the rounds are
     interleaved, so a pair ran minutes apart at most). A goal is met only when
-    every paired round meets it.
+    every paired round meets it. ``held_back`` says, for every goal, what the
+    user/sys split of the same rounds puts the verdict down to.
     """
     out = []
     for size, conns in GOAL_CONFIGS if configs is None else configs:
         key = config_key(size, conns)
         ours = _round_cpu(servers, "iomux-epoll", key)
+        ours_split = _round_split(servers, "iomux-epoll", key)
         for label, peer, limit in GOALS:
             theirs = _round_cpu(servers, peer, key)
             ratios = [a / b for a, b in zip(ours, theirs) if a is not None and b is not None]
@@ -233,6 +284,9 @@ def goals(servers: Json, configs: list[tuple[int, int]] | None = None) -> list[J
                 rounds=len(ratios),
                 ratios=ratios,
             )
+            goal["held_back"] = held_back(ours_split, _round_split(servers, peer, key), limit)
+            if goal["met"]:
+                goal["held_back"]["by"] = None
             out.append(goal)
     return out
 
@@ -418,6 +472,8 @@ def table(doc: Json) -> str:
                 f"  {label:<44} worst {g['ratio']:.3f} (goal <= {g['limit']:.2f}) {verdict:<8}"
                 f" median {g['ratio_median']:.3f}, best {g['ratio_best']:.3f} over {g['rounds']}"
             )
+            if g.get("held_back", {}).get("by"):
+                lines.append(f"  {'':<44} held back by {g['held_back']['by']}")
     for g in doc.get("syscall_goals", []):
         label = f"{g['goal']} @ {g['config']}"
         if g["met"] is None:

@@ -18,7 +18,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import pytest
 
@@ -415,6 +415,52 @@ def test_goals_are_judged_on_the_worst_round() -> None:
     missing = {g["goal"]: g for g in runner.goals(servers, [(1024, 10)])}
     assert missing["iomux-epoll / uvloop-protocol"]["ratio"] is None
     assert "uvloop-protocol" in missing["iomux-epoll / uvloop-protocol"]["reason"]
+
+
+def _split_doc(per_round: dict[str, list[tuple[float, float]]]) -> dict[str, object]:
+    """Servers with a (user, sys) split per round of 1024B-10c."""
+    return {
+        name: {
+            "results": {
+                "1024B-10c": {
+                    "runs": [
+                        {"cpu_per_req_us": u + k, "user_per_req_us": u, "sys_per_req_us": k,
+                         "error": None}
+                        for u, k in vals
+                    ]
+                }
+            }
+        }
+        for name, vals in per_round.items()
+    }  # fmt: skip
+
+
+def test_a_missed_goal_says_whether_kernel_or_user_time_holds_it_back() -> None:
+    from bench import runner
+
+    def held(
+        ours: list[tuple[float, float]], peer: list[tuple[float, float]], name: str = "uvloop-protocol"
+    ) -> dict[str, Any]:
+        servers = _split_doc({"iomux-epoll": ours, name: peer})
+        got = {g["goal"]: g for g in runner.goals(servers, [(1024, 10)])}
+        goal = got[f"iomux-epoll / {name}"]
+        return {"met": goal["met"], **goal["held_back"]}
+
+    # Same user time, more kernel time in one round: only the kernel can be blamed.
+    k = held([(2.0, 10.0), (2.0, 13.0)], [(2.0, 10.0), (2.0, 10.0)])
+    assert k["met"] is False and k["by"].startswith("kernel time")
+    assert k["at_peer_user"] == pytest.approx(15 / 12) and k["at_peer_kernel"] == pytest.approx(1.0)
+    assert k["kernel_share"] == pytest.approx(statistics.median([10 / 12, 13 / 15]))
+    # Same kernel time, twice the user time: the user-space code is what misses.
+    u = held([(4.0, 10.0)] * 2, [(2.0, 10.0)] * 2)
+    assert u["met"] is False and u["by"].startswith("user space") and "2.00x" in u["by"]
+    assert u["at_peer_user"] == pytest.approx(1.0)
+    # A little of each against the C server's 1.18: either alone would have met it.
+    both = held([(4.0, 12.0)], [(2.0, 10.0)], "c-epoll")
+    assert both["met"] is False and both["by"].startswith("neither alone")
+    # A met goal names nothing; a round without the split is left out.
+    assert held([(2.0, 9.0)], [(2.0, 10.0)])["by"] is None
+    assert runner.held_back([None], [(1.0, 1.0)], 1.0)["by"] is None
 
 
 def test_goals_cover_both_goal_configurations() -> None:
