@@ -29,7 +29,7 @@ import difflib
 import subprocess
 import threading
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Collection, Mapping, Sequence, TypeVar
+from typing import Any, Callable, ClassVar, Collection, Iterable, Mapping, Sequence, TypeVar
 
 from harness import reasons
 
@@ -149,6 +149,21 @@ class Instance:
 #: ``kernel`` and ``kernel_version`` the claims suite's).
 COMMON_KEYS = frozenset({"name", "kind", "os_family", "backends", "python", "description",
                          "weight", "timeouts", "kernel", "kernel_version"})
+#: The lifecycle's steps, by name (harness.lifecycle.SEQUENCE holds them in order): the
+#: keys of ``step_timeouts`` and of a target's ``[target.timeouts]`` table.
+STEP_NAMES = frozenset({"sweep", "attach", "build", "start", "healthy", "test", "logs",
+                        "keep", "destroy"})
+#: The keys of the tables every kind takes.
+COMMON_TABLES: Mapping[str, frozenset[str]] = {"timeouts": STEP_NAMES}
+
+
+def _named(keys: Iterable[str], allowed: Iterable[str]) -> list[str]:
+    """``'key'``, with ``(did you mean 'other'?)`` where one of ``allowed`` is close."""
+    named = []
+    for key in keys:
+        close = difflib.get_close_matches(key, sorted(allowed), n=1)
+        named.append(f"{key!r} (did you mean {close[0]!r}?)" if close else repr(key))
+    return named
 
 
 class Driver(abc.ABC):
@@ -166,6 +181,8 @@ class Driver(abc.ABC):
     options_required: ClassVar[frozenset[str]] = frozenset()
     #: Keys it may have beyond those and ``COMMON_KEYS``; any other is a mistake.
     options_allowed: ClassVar[frozenset[str]] = frozenset()
+    #: Of those, the tables (``[target.offline]``, say), with the keys each takes.
+    option_tables: ClassVar[Mapping[str, frozenset[str]]] = {}
 
     @classmethod
     def validate(cls, target: Target) -> None:
@@ -181,13 +198,22 @@ class Driver(abc.ABC):
         allowed = COMMON_KEYS | cls.options_required | cls.options_allowed
         unknown = sorted(keys - allowed)
         if unknown:
-            named = []
-            for key in unknown:
-                close = difflib.get_close_matches(key, sorted(allowed), n=1)
-                named.append(f"{key!r} (did you mean {close[0]!r}?)" if close else repr(key))
+            named = _named(unknown, allowed)
             raise TargetError(f"{where}: unknown key{'s' if len(named) > 1 else ''} "
                               f"{', '.join(named)}; a {cls.kind} target takes: "
                               f"{', '.join(sorted(allowed))}")
+        tables = {**COMMON_TABLES, **cls.option_tables}
+        for table in sorted(set(tables) & set(target.options)):
+            value, takes = target.options[table], tables[table]
+            if not isinstance(value, Mapping):
+                raise TargetError(f"{where}: {table!r} is a table ([target.{table}]) of "
+                                  f"{', '.join(sorted(takes))}")
+            unknown = sorted(set(value) - takes)
+            if unknown:
+                named = _named(unknown, takes)
+                raise TargetError(f"{where}: [target.{table}] has unknown "
+                                  f"key{'s' if len(named) > 1 else ''} {', '.join(named)}; "
+                                  f"it takes: {', '.join(sorted(takes))}")
 
     @abc.abstractmethod
     def unavailable_reason(self) -> str | None:

@@ -18,7 +18,7 @@ import resource
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Collection, Sequence
+from typing import Any, Callable, ClassVar, Collection, Mapping, Sequence
 
 from harness.drivers.base import (
     BACKEND_PORTS,
@@ -166,6 +166,9 @@ class KernelDriver(Driver):
     #: whose image is the guest's tree; ``test_scale``: the fault suite's scale.
     options_required: ClassVar[frozenset[str]] = frozenset({"kernel_build"})
     options_allowed: ClassVar[frozenset[str]] = frozenset({"userland", "test_scale"})
+    #: [target.kernel_build], read by kernel_builds.kernel_binary.
+    option_tables: ClassVar[Mapping[str, frozenset[str]]] = {
+        "kernel_build": frozenset({"package", "version", "suite", "libc6"})}
     #: What one instance is called in the sweep's log ("gvisor sandbox").
     noun: ClassVar[str]
     #: The guest's own output in its directory, whose last line goes into an error.

@@ -198,6 +198,49 @@ def test_a_misspelt_table_is_one_line_naming_the_target_key_and_allowed_ones(
     assert allowed == sorted(allowed)
 
 
+@pytest.mark.parametrize(("kind", "table", "misspelt", "meant"), [
+    ("docker", "offline", "suit", "suite"),
+    ("vagrant", "freebsd", "checksum", "checksum_file"),
+    ("gvisor", "kernel_build", "versoin", "version"),
+    ("uml", "kernel_build", "packages", "package"),
+    ("local", "timeouts", "star", "start"),
+])
+def test_a_misspelt_key_inside_a_table_is_one_line(tmp_path: Path, kind: str, table: str,
+                                                   misspelt: str, meant: str) -> None:
+    from harness.drivers import driver_class
+    from harness.drivers.base import COMMON_TABLES
+    takes = {**COMMON_TABLES, **driver_class(kind).option_tables}[table]
+    required = {"docker": 'image = "i"\n', "vagrant": 'box = "b"\n'}.get(kind, "")
+    build = ('[target.kernel_build]\npackage = "runsc"\nversion = "1"\nsuite = "bookworm"\n'
+             if kind in ("gvisor", "uml") and table != "kernel_build" else "")
+    text = (f'[[target]]\nname = "t"\nkind = "{kind}"\nos_family = "linux"\n'
+            f'backends = ["select"]\n{required}{build}[target.{table}]\n{misspelt} = "x"\n')
+    if kind in ("gvisor", "uml"):
+        text = text.replace(f'{misspelt} = "x"', f'package = "runsc"\n{misspelt} = "x"')
+    with pytest.raises(TargetsError) as info:
+        load(write(tmp_path, text))
+    assert str(info.value) == (
+        f"targets.toml: target 't': [target.{table}] has unknown key {misspelt!r} "
+        f"(did you mean {meant!r}?); it takes: {', '.join(sorted(takes))}")
+
+
+def test_a_table_given_as_a_value_is_one_line(tmp_path: Path) -> None:
+    with pytest.raises(TargetsError) as info:
+        load(write(tmp_path, GOOD.replace("[target.offline]\nsuite = \"bookworm\"",
+                                          'offline = "bookworm"')))
+    assert str(info.value) == ("targets.toml: target 'box': 'offline' is a table "
+                               "([target.offline]) of include, method, mirror, suite, variant")
+
+
+def test_the_step_names_a_timeouts_table_takes_are_the_lifecycles() -> None:
+    from harness import lifecycle
+    from harness.drivers import KINDS, driver_class
+    from harness.drivers.base import STEP_NAMES
+    assert {step.name for step in lifecycle.SEQUENCE} == STEP_NAMES
+    for kind in KINDS:
+        assert set(driver_class(kind).step_timeouts) <= STEP_NAMES, kind
+
+
 def test_an_unknown_key_of_another_kind_is_refused(tmp_path: Path) -> None:
     # A box is a vagrant key: on a local target it would be silently ignored.
     with pytest.raises(TargetsError) as info:

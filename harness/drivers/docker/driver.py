@@ -27,7 +27,7 @@ import contextlib
 import re
 import threading
 import time
-from typing import Any, ClassVar, Collection, Sequence
+from typing import Any, ClassVar, Collection, Mapping, Sequence
 
 from harness import reasons
 from harness.drivers.base import (
@@ -84,6 +84,9 @@ class DockerDriver(BackendServers, Driver):
     options_required: ClassVar[frozenset[str]] = frozenset({"image"})
     options_allowed: ClassVar[frozenset[str]] = frozenset({"offline", "docker_host",
                                                                  "docker_context"})
+    #: [target.offline], the debootstrap recipe (base_images.offline_recipe).
+    option_tables: ClassVar[Mapping[str, frozenset[str]]] = {
+        "offline": frozenset({"suite", "mirror", "include", "method", "variant"})}
     keepable: ClassVar[bool] = True
     #: What an image is built from (docker/images.py's content hash covers the same,
     #: less the guest's wheels, which follow the target's Python in targets.toml).

@@ -114,6 +114,9 @@ class VagrantDriver(VagrantBoxes, LibvirtDomains, SSHTransport, Driver):
     #: from (FreeBSDImage); ``test_scale``: the fault suite's scale (default 0.25).
     options_required: ClassVar[frozenset[str]] = frozenset({"box"})
     options_allowed: ClassVar[frozenset[str]] = frozenset({"freebsd", "test_scale"})
+    #: [target.freebsd], read by boxes.FreeBSDImage.of.
+    option_tables: ClassVar[Mapping[str, frozenset[str]]] = {
+        "freebsd": frozenset({"version", "image", "checksum_file", "url", "sha512"})}
     keepable: ClassVar[bool] = True
     #: What goes into the VM: the box's recipe, the Vagrantfile and its provisioner,
     #: and the parts of the rsync'd tree the guest runs (iomux and the in-guest suites).
