@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import functools
 import os
 import tempfile
 import time
@@ -24,11 +23,12 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 from harness import reasons
-from harness.drivers import KINDS, DriverUnavailable, UnknownKind, get_driver
+from harness.drivers import DriverUnavailable, UnknownKind, get_driver
 from harness.drivers.base import Driver, Target
 from harness.kept_targets import current_hashes as kept_hashes
-from harness.lifecycle import call_with_timeout, sweep_leftovers
+from harness.lifecycle import sweep_leftovers
 from harness.progress import EventLog
+from harness.targets import unavailable_reasons
 
 #: Where every harness run on this machine registers itself while it is alive
 #: (a file held under flock), whatever its reports directory: a sweep must not
@@ -68,32 +68,12 @@ def note_not_run(run_dir: Path, name: str, reason: str) -> str:
     return str(line)
 
 
-def get_module_name(kind: str) -> str:
-    """The driver module of ``kind`` (for a reason that names it)."""
-    return KINDS.get(kind, f"harness.drivers.{kind}")
-
-
 def check_engines(selected: Sequence[Target], run_dir: Path) -> dict[str, str]:
     """Which of ``selected`` cannot run here, and why (one line each, the whole story
-    in ``run_dir``'s not-run logs): target name -> reason."""
-    not_run: dict[str, str] = {}
-    kind_reason: dict[str, str | None] = {}
-    for target in selected:
-        try:
-            driver = get_driver(target.kind)
-            if target.kind not in kind_reason:
-                kind_reason[target.kind] = call_with_timeout(
-                    f"{target.kind} engine check", 60, driver.unavailable_reason)
-            reason = kind_reason[target.kind] or call_with_timeout(
-                f"{target.name} image/box check", 120,
-                functools.partial(driver.target_unavailable_reason, target))
-        except (UnknownKind, DriverUnavailable) as exc:
-            reason = reasons.driver_missing(get_module_name(target.kind), exc)
-        except Exception as exc:  # a driver's check that breaks means "cannot run"
-            reason = reasons.engine_check_failed(target.kind, exc)
-        if reason:
-            not_run[target.name] = note_not_run(run_dir, target.name, reason)
-    return not_run
+    in ``run_dir``'s not-run logs): target name -> reason. The checks are
+    ``harness.targets.unavailable_reasons``', the ones ``make targets`` shows."""
+    return {name: note_not_run(run_dir, name, reason)
+            for name, reason in unavailable_reasons(selected).items() if reason}
 
 
 class LiveRun:

@@ -7,6 +7,7 @@ error rather than a traceback.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import select
@@ -193,11 +194,18 @@ def select_targets(targets: Sequence[Target], names: Iterable[str] | None) -> li
     return [by_name[n] for n in wanted]
 
 
-def availability(targets: Sequence[Target]) -> dict[str, str | None]:
-    """Target name -> None if it can run here, else the one-line reason why not
-    (what ``make test-all-os`` would print as "not run: ...")."""
+#: Seconds an engine's check (``Driver.unavailable_reason``) and a target's (its image
+#: or box, ``target_unavailable_reason``) may take before the target is "not run".
+ENGINE_CHECK_S, TARGET_CHECK_S = 60.0, 120.0
+
+
+def unavailable_reasons(targets: Sequence[Target]) -> dict[str, str | None]:
+    """Target name -> None if it can run here, else why not (the whole text: a
+    caller fits it to one line). Each kind's engine is checked once, and every
+    check under a watchdog, so a wedged daemon is a reason, not a hang."""
     from harness.drivers import KINDS, DriverUnavailable, UnknownKind, get_driver
-    from harness.reasons import driver_missing, engine_check_failed, fit
+    from harness.drivers.base import call_with_timeout
+    from harness.reasons import driver_missing, engine_check_failed
 
     by_kind: dict[str, str | None] = {}
     found: dict[str, str | None] = {}
@@ -205,14 +213,25 @@ def availability(targets: Sequence[Target]) -> dict[str, str | None]:
         try:
             driver = get_driver(target.kind)
             if target.kind not in by_kind:
-                by_kind[target.kind] = driver.unavailable_reason()
-            reason = by_kind[target.kind] or driver.target_unavailable_reason(target)
+                by_kind[target.kind] = call_with_timeout(
+                    f"{target.kind} engine check", ENGINE_CHECK_S, driver.unavailable_reason)
+            reason = by_kind[target.kind] or call_with_timeout(
+                f"{target.name} image/box check", TARGET_CHECK_S,
+                functools.partial(driver.target_unavailable_reason, target))
         except (UnknownKind, DriverUnavailable) as exc:
-            reason = driver_missing(KINDS.get(target.kind, target.kind), exc)
+            reason = driver_missing(KINDS.get(target.kind, f"harness.drivers.{target.kind}"), exc)
         except Exception as exc:  # a broken check means "cannot run", as in the harness
             reason = engine_check_failed(target.kind, exc)
-        found[target.name] = fit(reason) if reason else None
+        found[target.name] = reason or None
     return found
+
+
+def availability(targets: Sequence[Target]) -> dict[str, str | None]:
+    """Target name -> None if it can run here, else the one-line reason why not
+    (what ``make test-all-os`` would print as "not run: ...")."""
+    from harness.reasons import fit
+    return {name: fit(reason) if reason else None
+            for name, reason in unavailable_reasons(targets).items()}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

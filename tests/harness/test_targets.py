@@ -312,3 +312,45 @@ def test_every_unavailable_error_is_one_target_unavailable() -> None:
     assert _is_unavailable(TargetUnavailable("no image: x"))
     assert _is_unavailable(drivers.DriverUnavailable("driver not available: x"))
     assert not _is_unavailable(TargetError("start: broken"))
+
+
+# -- which targets can run here (make targets, and the run's not-run list) ------------
+
+def test_a_hung_engine_check_is_a_reason_in_make_targets_and_in_the_run(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+
+    from harness import drivers, runs
+    from harness.drivers import base
+
+    release = threading.Event()
+    calls: list[str] = []
+
+    class Hung:
+        kind = "local"
+
+        def unavailable_reason(self) -> str | None:
+            calls.append("engine")
+            release.wait(30)  # a wedged daemon's socket
+            return None
+
+        def target_unavailable_reason(self, target: base.Target) -> str | None:
+            return None
+
+    monkeypatch.setattr(drivers, "get_driver", lambda kind: Hung())
+    monkeypatch.setattr(targets, "ENGINE_CHECK_S", 0.2)
+    monkeypatch.setattr(base, "GRACE", 0.1)
+    declared = load(write(tmp_path, GOOD))
+    try:
+        shown = targets.availability(declared)
+        noted = runs.check_engines(declared, tmp_path)
+    finally:
+        release.set()
+    # One engine check per kind (local, docker) and call, each cut off by the watchdog.
+    assert calls == ["engine"] * 4
+    for lines in (shown, noted):
+        assert set(lines) == {"here", "box"}
+        for name, kind in (("here", "local"), ("box", "docker")):
+            line = lines[name]
+            assert line is not None and "\n" not in line
+            assert line.startswith(f"{kind} engine check failed: StepTimeout"), line
