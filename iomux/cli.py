@@ -12,8 +12,8 @@ breaks ``serve``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
-import inspect
 import json
 import sys
 from typing import Any, Callable, Dict, List, NoReturn, Optional, Sequence
@@ -42,8 +42,8 @@ def _lazy_import(module: str, command: str) -> Any:
 def _cmd_serve(args: argparse.Namespace) -> int:
     from iomux.server import ServerConfig, serve
 
-    # argparse's dest names are ServerConfig's parameter names, one for one.
-    options = inspect.signature(ServerConfig).parameters
+    # argparse's dest names are ServerConfig's fields, one for one.
+    options = [field.name for field in dataclasses.fields(ServerConfig)]
     config = ServerConfig(**{name: getattr(args, name) for name in options})
     config.validate()
     mux_cls = backends.get(args.backend)
@@ -140,8 +140,15 @@ def _non_negative_float(text: str) -> float:
     return value
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The whole command line (docs/DESIGN.md section 1)."""
+def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
+    """The whole command line (docs/DESIGN.md section 1).
+
+    ``command``: the one that is about to be parsed, if known. ``bench``'s
+    arguments are iomux.loadgen's, and importing it is a fifth of what
+    ``iomux serve`` costs to start (the test suites start some 350 servers per
+    target, and a slow kernel's imports are slow), so they are added only for
+    ``bench`` itself, or when ``command`` is None.
+    """
     parser = _Parser(prog="iomux", description="An echo server with select, poll, epoll and kqueue backends.")
     parser.add_argument("--version", action="version", version=f"iomux {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
@@ -178,9 +185,10 @@ def build_parser() -> argparse.ArgumentParser:
     check.set_defaults(handler=_cmd_check)
 
     bench = sub.add_parser("bench", help="load an echo server: requests/s, MB/s, latency p50/p99")
-    from iomux import loadgen  # its own arguments, so the two never drift apart
+    if command in (None, "bench"):
+        from iomux import loadgen  # its own arguments, so the two never drift apart
 
-    loadgen.add_arguments(bench)
+        loadgen.add_arguments(bench)
     bench.set_defaults(handler=_cmd_bench)
 
     report = sub.add_parser("report", help="cross-OS run reports")
@@ -194,8 +202,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the command line; return the exit status."""
+    words = sys.argv[1:] if argv is None else list(argv)
+    # The top-level parser takes no option with a value: the first word that is
+    # not an option is the command.
+    command = next((word for word in words if not word.startswith("-")), None)
     try:
-        args = build_parser().parse_args(argv)
+        args = build_parser(command).parse_args(words)
         handler: Optional[Callable[[argparse.Namespace], int]] = getattr(args, "handler", None)
         if handler is None:
             if args.command == "report":

@@ -192,7 +192,10 @@ def resolve_address(host: str, port: int) -> Tuple[int, Tuple[object, ...]]:
         host = "127.0.0.1"
     try:
         infos = socket.getaddrinfo(
-            host,
+            # Bytes: a str host goes through the "idna" codec first, whose import
+            # (encodings.idna, stringprep) is a tenth of the server's start-up; a
+            # numeric address is ASCII, and anything else is a UnicodeError.
+            host.encode("ascii"),
             port,
             socket.AF_UNSPEC,
             socket.SOCK_STREAM,

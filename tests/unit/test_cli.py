@@ -255,3 +255,22 @@ def test_check_address_parsing(text: str, expected: Tuple[str, int]) -> None:
     from iomux.check import parse_address
 
     assert parse_address(text) == expected
+
+
+def test_serve_starts_without_the_modules_only_other_commands_need() -> None:
+    """Every behaviour and fault test starts its own server, some 350 per target, so
+    what `iomux serve` imports is paid hundreds of times on every kernel: not the
+    load client (bench's arguments) and not the idna codec (a str host passed to
+    getaddrinfo). `bench --help` still shows the load client's own options."""
+    proc = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "iomux", "serve", "--port", "0",
+         "--stop-on-stdin", "--quiet"],
+        stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60,
+        cwd=str(ROOT), check=False)
+    assert proc.returncode == 0, proc.stderr
+    imported = {line.rsplit("|", 1)[1].strip() for line in proc.stderr.splitlines()
+                if line.startswith("import time:") and "|" in line}
+    assert {"iomux.cli", "iomux.server"} <= imported
+    assert not {"iomux.loadgen", "encodings.idna"} & imported, sorted(imported)
+    shown = run_cli("bench", "--help")
+    assert shown.returncode == 0 and "--conns" in shown.stdout and "--size" in shown.stdout
