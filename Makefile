@@ -77,6 +77,7 @@ endef
 # The host-only tests: the server on every backend this kernel has, its fault suite, the
 # pieces, the harness (which drives every kind's engine, and the browser for the report).
 unit: $(STAMP)
+	$(PY) -m compileall -q iomux >/dev/null  # the suites start hundreds of servers (harness/drivers/local.py)
 	$(call with_engines,$(PY) -m pytest -n 2 --dist loadgroup tests/unit tests/server tests/faults tests/harness $(PYTEST_ARGS),local docker vagrant gvisor uml browser bench)
 
 test: check unit test-all-os

@@ -3,6 +3,7 @@ leaves in the temporary directory)."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 import uuid
@@ -59,3 +60,19 @@ def test_start_and_healthy_fill_the_guest_record_the_suites_read() -> None:
     finally:
         driver.destroy(instance, timeout=30)
     assert not scratch.exists()
+
+
+def test_build_byte_compiles_the_working_tree_for_the_servers() -> None:
+    """The servers run as nobody, who cannot write iomux/__pycache__: build leaves
+    every module's bytecode there, up to date, for them to load."""
+    # One module's bytecode gone (make unit compiles the tree too): build puts it back.
+    gone = Path(importlib.util.cache_from_source(str(REPO / "iomux" / "connection.py")))
+    gone.unlink(missing_ok=True)
+    LocalDriver().build(Target(name="local", kind="local", os_family="linux",
+                               backends=("select",)), timeout=60)
+    sources = sorted((REPO / "iomux").glob("**/*.py"))
+    assert len(sources) > 10
+    for source in sources:
+        cached = Path(importlib.util.cache_from_source(str(source)))
+        assert cached.is_file(), f"no bytecode for {source}"
+        assert cached.stat().st_mtime >= source.stat().st_mtime, f"stale bytecode for {source}"

@@ -21,6 +21,7 @@ units' servers detached.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import shutil
 import signal
@@ -264,6 +265,14 @@ def test_second_run_changes_nothing_and_leaves_listening_servers(guest: Guest) -
     # pkg was asked for Python the way the script says (the box had none).
     assert "pkg install -y python311" in guest.log()
     assert all(_echoes(port) for port in guest.ports)
+    # Byte-compiled at install: every module of the package has its .pyc, up to date,
+    # so the servers the suites start as another user never compile it again.
+    lib = Path(guest.env["IOMUX_PROVISION_ROOT"]) / "opt" / "iomux" / "lib"
+    sources = sorted(lib.glob("iomux/**/*.py"))
+    assert sources
+    for source in sources:
+        cached = Path(importlib.util.cache_from_source(str(source)))
+        assert cached.is_file() and cached.stat().st_mtime >= source.stat().st_mtime, source
     pids = {b: guest.pid(b) for b in ("poll", "select")}
 
     status, second, err = guest.provision()
