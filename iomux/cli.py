@@ -12,7 +12,6 @@ breaks ``serve``.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import importlib
 import json
 import sys
@@ -42,9 +41,8 @@ def _lazy_import(module: str, command: str) -> Any:
 def _cmd_serve(args: argparse.Namespace) -> int:
     from iomux.server import ServerConfig, serve
 
-    # argparse's dest names are ServerConfig's fields, one for one.
-    options = [field.name for field in dataclasses.fields(ServerConfig)]
-    config = ServerConfig(**{name: getattr(args, name) for name in options})
+    # argparse's dest names are ServerConfig's options, one for one.
+    config = ServerConfig(**{name: getattr(args, name) for name in ServerConfig.OPTIONS})
     config.validate()
     mux_cls = backends.get(args.backend)
     if config.workers > 1:

@@ -75,7 +75,6 @@ import socket
 import sys
 import threading
 import time
-from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple, Type
 
 from iomux import __version__
@@ -106,24 +105,55 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 STATS_SIGNALS = (signal.SIGUSR1,) if hasattr(signal, "SIGUSR1") else ()
 
 
-@dataclass
 class ServerConfig:
-    """The serve options of the command line (docs/DESIGN.md section 1), with its defaults."""
+    """The serve options of the command line (docs/DESIGN.md section 1), with its defaults.
 
-    backend: str = "auto"
-    host: str = "127.0.0.1"
-    port: int = 7000
-    workers: int = 1
-    line_mode: bool = False
-    idle_timeout: float = 0.0
-    max_conns: int = 0
-    ready_file: Optional[str] = None
-    high_water: int = 262144
-    low_water: int = 65536
-    drain_timeout: float = 2.0
-    stop_on_stdin: bool = False
-    quiet: bool = False
-    sndbuf: int = 0
+    A plain class rather than a dataclass: ``dataclasses`` imports ``inspect``
+    (and with it ast, dis and tokenize), a fifth of the instructions of a
+    server's start on Debian's python3, and the suites start hundreds of servers
+    on every kernel. ``OPTIONS`` are argparse's dest names, one for one.
+    """
+
+    OPTIONS = ("backend", "host", "port", "workers", "line_mode", "idle_timeout", "max_conns",
+               "ready_file", "high_water", "low_water", "drain_timeout", "stop_on_stdin",
+               "quiet", "sndbuf")
+    __slots__ = OPTIONS
+
+    def __init__(
+        self,
+        backend: str = "auto",
+        host: str = "127.0.0.1",
+        port: int = 7000,
+        workers: int = 1,
+        line_mode: bool = False,
+        idle_timeout: float = 0.0,
+        max_conns: int = 0,
+        ready_file: Optional[str] = None,
+        high_water: int = 262144,
+        low_water: int = 65536,
+        drain_timeout: float = 2.0,
+        stop_on_stdin: bool = False,
+        quiet: bool = False,
+        sndbuf: int = 0,
+    ) -> None:
+        self.backend = backend
+        self.host = host
+        self.port = port
+        self.workers = workers
+        self.line_mode = line_mode
+        self.idle_timeout = idle_timeout
+        self.max_conns = max_conns
+        self.ready_file = ready_file
+        self.high_water = high_water
+        self.low_water = low_water
+        self.drain_timeout = drain_timeout
+        self.stop_on_stdin = stop_on_stdin
+        self.quiet = quiet
+        self.sndbuf = sndbuf
+
+    def __repr__(self) -> str:
+        shown = ", ".join(f"{name}={getattr(self, name)!r}" for name in self.OPTIONS)
+        return f"ServerConfig({shown})"
 
     def validate(self) -> None:
         """Raise UsageError for values no server could honour."""

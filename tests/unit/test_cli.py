@@ -260,8 +260,9 @@ def test_check_address_parsing(text: str, expected: Tuple[str, int]) -> None:
 def test_serve_starts_without_the_modules_only_other_commands_need() -> None:
     """Every behaviour and fault test starts its own server, some 350 per target, so
     what `iomux serve` imports is paid hundreds of times on every kernel: not the
-    load client (bench's arguments) and not the idna codec (a str host passed to
-    getaddrinfo). `bench --help` still shows the load client's own options."""
+    load client (bench's arguments), not the idna codec (a str host passed to
+    getaddrinfo), not dataclasses and the inspect it imports (ServerConfig is a
+    plain class). `bench --help` still shows the load client's own options."""
     proc = subprocess.run(
         [sys.executable, "-X", "importtime", "-m", "iomux", "serve", "--port", "0",
          "--stop-on-stdin", "--quiet"],
@@ -271,6 +272,19 @@ def test_serve_starts_without_the_modules_only_other_commands_need() -> None:
     imported = {line.rsplit("|", 1)[1].strip() for line in proc.stderr.splitlines()
                 if line.startswith("import time:") and "|" in line}
     assert {"iomux.cli", "iomux.server"} <= imported
-    assert not {"iomux.loadgen", "encodings.idna"} & imported, sorted(imported)
+    assert not {"iomux.loadgen", "encodings.idna", "dataclasses", "inspect"} & imported, \
+        sorted(imported)
     shown = run_cli("bench", "--help")
     assert shown.returncode == 0 and "--conns" in shown.stdout and "--size" in shown.stdout
+
+
+def test_server_config_options_are_its_parameters_and_the_parsers_dests() -> None:
+    import inspect
+
+    from iomux.server import ServerConfig
+
+    assert tuple(inspect.signature(ServerConfig).parameters) == ServerConfig.OPTIONS
+    args = cli.build_parser("serve").parse_args(["serve", "--port", "0", "--sndbuf", "4096"])
+    config = ServerConfig(**{name: getattr(args, name) for name in ServerConfig.OPTIONS})
+    assert (config.port, config.sndbuf, config.backend) == (0, 4096, "auto")
+    assert "sndbuf=4096" in repr(config)
