@@ -25,6 +25,7 @@ from __future__ import annotations
 import atexit
 import dataclasses
 import functools
+import os
 import time
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence, TypeVar
@@ -134,8 +135,16 @@ def step_timeouts(target: Target, override: float | None = None) -> dict[str, fl
 
 
 #: Seconds this process has spent in lifecycle steps (build, start, healthy, logs,
-#: destroy) of every target, so far; see steps_seconds().
+#: destroy) of every target, so far, and the CPU seconds it and its children used
+#: meanwhile; see steps_seconds().
 _STEP_SECONDS = [0.0]
+_STEP_CPU = [0.0]
+
+
+def process_cpu_seconds() -> float:
+    """This process's CPU seconds and its reaped children's (a build's debootstrap)."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
 
 
 def steps_seconds() -> float:
@@ -143,6 +152,13 @@ def steps_seconds() -> float:
     the setup of its first test and goes in the teardown of its last, so the plugin
     takes the difference over a test phase out of that phase's suite timing."""
     return _STEP_SECONDS[0]
+
+
+def steps_cpu_seconds() -> float:
+    """CPU seconds (process_cpu_seconds) used while lifecycle steps ran, so far: what
+    the plugin takes out of a phase's harness CPU, as steps_seconds out of its wall.
+    An xdist worker runs one target's test at a time, so that CPU is the step's."""
+    return _STEP_CPU[0]
 
 
 class TargetLifecycle(KeptTargetSteps):
@@ -195,7 +211,7 @@ class TargetLifecycle(KeptTargetSteps):
         step = STEPS[name]
         self.steps_run.append(name)
         self._phase(step.phase)
-        started = time.monotonic()
+        started, cpu_started = time.monotonic(), process_cpu_seconds()
         label = f"{self.target.name}: {name}"
         try:
             return call_with_timeout(label, self.timeouts[name], fn,
@@ -213,6 +229,7 @@ class TargetLifecycle(KeptTargetSteps):
             seconds = time.monotonic() - started
             self.timings[name] = self.timings.get(name, 0.0) + seconds
             _STEP_SECONDS[0] += seconds
+            _STEP_CPU[0] += max(0.0, process_cpu_seconds() - cpu_started)
             self._emit("timing", step=name, seconds=round(seconds, 3))
 
     def _runs(self, step: Step, failed: bool = False) -> bool:

@@ -231,3 +231,25 @@ def test_progress_view_prints_phase_changes(tmp_path: Path) -> None:
         fh.write('{"t": 1, "target": "x", "type": "phase", "pha')  # a torn last line waits
     view.poll()
     assert len(out.getvalue().splitlines()) == 2
+
+
+def test_the_cpu_a_step_and_its_children_use_is_counted_apart(tmp_path: Path) -> None:
+    """A build's debootstrap is a child of the worker: its CPU is the step's, and the
+    suite timings' harness CPU (results._cpu_seconds) leaves it out."""
+    import subprocess
+    import sys
+
+    from harness import results
+
+    class BusyBuild(FakeDriver):
+        def build(self, target: Target, timeout: float) -> dict[str, Any]:
+            subprocess.run([sys.executable, "-c", "import time\nt = time.process_time()\n"
+                            "while time.process_time() - t < 0.5: pass"], check=True)
+            return super().build(target, timeout)
+
+    life, _ = make(tmp_path, BusyBuild())
+    steps_before, harness_before = lifecycle.steps_cpu_seconds(), results._cpu_seconds()
+    life.bring_up()
+    life.tear_down(failed=False)
+    assert lifecycle.steps_cpu_seconds() - steps_before >= 0.45
+    assert results._cpu_seconds() - harness_before < 0.3
