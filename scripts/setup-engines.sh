@@ -36,7 +36,10 @@
 # State: every daemon `start` starts is appended to $IOMUX_SETUP_STATE (or --state FILE;
 # default /var/tmp/iomux-setup/state) as "NAME PID". `stop` stops exactly those (a pid
 # whose command is no longer NAME is left alone) and removes the file: a daemon that was
-# already running, or that someone else started, is never stopped.
+# already running, or that someone else started, is never stopped. dockerd makes its
+# bridge ($IOMUX_DOCKER_BRIDGE, docker0) on its first start and leaves it when it
+# stops: one that was not there before is recorded as "link NAME", and stop removes it
+# once that dockerd is stopped.
 #
 # Facts about these machines that the choices below follow:
 # - There may be no systemd as PID 1: daemons are started by hand in the background
@@ -56,6 +59,8 @@ STATE=${IOMUX_SETUP_STATE:-/var/tmp/iomux-setup/state}
 #: Daemons a stop left up for kept targets (see stop_ours), one "NAME PID" a line.
 LEFT_UP=${IOMUX_SETUP_LEFT_UP:-/var/tmp/iomux-setup/left-up}
 LOG_DIR=${IOMUX_SETUP_LOG_DIR:-/var/log}
+#: The bridge dockerd makes on its first start and leaves behind when it stops.
+BRIDGE=${IOMUX_DOCKER_BRIDGE:-docker0}
 QEMU_CONF=${IOMUX_QEMU_CONF:-/etc/libvirt/qemu.conf}
 KERNELS=${IOMUX_FETCH_KERNELS:-$HERE/fetch-kernels.sh}
 PY=${PY:-$REPO/.venv/bin/python}
@@ -182,6 +187,9 @@ start_dockerd() {
   mkdir -p "$(dirname "$log")"
   # setsid: its own session, so a Ctrl-C at the terminal reaches make and the
   # harness (which stop it in order), not dockerd.
+  # A bridge that was not here before is ours, to remove once dockerd has stopped
+  # (recorded first, so that stop, going newest first, comes to it after dockerd).
+  ip link show "$BRIDGE" >/dev/null 2>&1 || remember link "$BRIDGE"
   "${SUDO[@]}" setsid dockerd >>"$log" 2>&1 </dev/null &
   local pid=$!
   remember dockerd "$pid"
@@ -229,7 +237,7 @@ kept_kinds() {
 }
 
 stop_ours() {
-  local name pid comm _ kept
+  local name pid comm _ kept link dockerd_left=0 links=()
   kept=$(kept_kinds)
   # A dockerd an earlier run left up for its kept targets is stopped by the first
   # run that finds none kept any more (a --destroy=always run took them).
@@ -240,6 +248,10 @@ stop_ours() {
   [[ -s $STATE ]] || { rm -f "$STATE"; return 0; }
   # Newest first: libvirtd before virtlogd.
   while read -r name pid; do
+    if [[ $name == link ]]; then  # "link NAME": a bridge our dockerd made
+      if (( dockerd_left )); then echo "$name $pid" >>"$LEFT_UP"; else links+=("$pid"); fi
+      continue
+    fi
     [[ $pid =~ ^[0-9]+$ ]] || continue
     comm=$(cat "/proc/$pid/comm" 2>/dev/null || true)
     if [[ -z $comm ]] || ! kill -0 "$pid" 2>/dev/null; then continue; fi
@@ -251,6 +263,7 @@ stop_ours() {
           "removes them, --destroy=always, stops it)"
       mkdir -p "$(dirname "$LEFT_UP")"
       echo "$name $pid" >>"$LEFT_UP"
+      dockerd_left=1
       continue
     fi
     say "stopping $name (pid $pid)"
@@ -258,6 +271,12 @@ stop_ours() {
     for _ in $(seq 1 60); do kill -0 "$pid" 2>/dev/null || break; sleep 0.5; done
     kill -0 "$pid" 2>/dev/null && "${SUDO[@]}" kill -KILL "$pid" 2>/dev/null
   done < <(tac "$STATE")
+  # The dockerd that made them is stopped (or was gone already): its bridges go too.
+  for link in "${links[@]}"; do
+    ip link show "$link" >/dev/null 2>&1 || continue
+    say "removing the $link bridge dockerd made"
+    "${SUDO[@]}" ip link del "$link" || say "could not remove $link"
+  done
   rm -f "$STATE"
 }
 

@@ -1,5 +1,5 @@
 """scripts/setup-engines.sh on a simulated machine: stubs for id, sudo, apt-get,
-dpkg-query, docker and dockerd on a PATH that has nothing else of the engines.
+dpkg-query, docker, dockerd and ip on a PATH that has nothing else of the engines.
 
 The real dockerd and libvirtd others rely on are never touched: the stub dockerd
 is a sleeping shell script, and stop is checked to stop only it.
@@ -20,7 +20,10 @@ REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "scripts" / "setup-engines.sh"
 #: What the stubs replace, and what a fresh machine lacks.
 HIDDEN = {"id", "sudo", "apt-get", "dpkg-query", "docker", "dockerd", "debootstrap", "strace",
-          "vagrant", "virsh", "libvirtd", "virtlogd", "chromium", "qemu-system-x86_64", "runsc"}
+          "vagrant", "virsh", "libvirtd", "virtlogd", "chromium", "qemu-system-x86_64", "runsc",
+          "ip"}
+#: The stub dockerd's bridge (IOMUX_DOCKER_BRIDGE): the host's links are never touched.
+BRIDGE = "iomuxtest0"
 
 
 def a_users_shell() -> dict[str, str]:
@@ -64,12 +67,19 @@ def machine(tmp_path: Path) -> Iterator[dict[str, Path]]:
           f'strace|debootstrap|chromium) printf "#!/bin/sh\\n" >{bindir}/$p; '
           f'chmod +x {bindir}/$p;; esac; done; exit 0')
     _stub(bindir, "dpkg-query", "exit 1")
-    # dockerd: sleeps, marked up while it runs; docker info answers while it does.
+    # ip: links are files in links/; `ip link show NAME` and `ip link del NAME`.
+    links = tmp_path / "links"
+    links.mkdir()
+    _stub(bindir, "ip", f'echo "ip $*" >>{calls}; [[ $1 == link ]] || exit 2; '
+                        f'case $2 in show) [[ -e {links}/$3 ]];; del) rm {links}/$3;; '
+                        "*) exit 2;; esac")
+    # dockerd: sleeps, marked up while it runs; docker info answers while it does. Like
+    # the real one, it makes its bridge and leaves it behind when it stops.
     up = tmp_path / "dockerd.up"
-    _stub(bindir, ".dockerd", f'echo "dockerd $*" >>{calls}; echo $$ >{up}; '
+    _stub(bindir, ".dockerd", f'echo "dockerd $*" >>{calls}; echo $$ >{up}; touch {links}/{BRIDGE}; '
                               f"trap 'rm -f {up}; exit 0' TERM; while :; do sleep 0.1; done")
     _stub(bindir, "docker", f'[[ -s {up} ]] && kill -0 "$(cat {up})" 2>/dev/null')
-    yield {"bin": bindir, "calls": calls, "uid": uid, "up": up, "tmp": tmp_path}
+    yield {"bin": bindir, "calls": calls, "uid": uid, "up": up, "tmp": tmp_path, "links": links}
     with contextlib.suppress(OSError, ValueError):
         os.kill(int(up.read_text()), signal.SIGKILL)
 
@@ -79,7 +89,8 @@ def run(machine: dict[str, Path], *args: str, **env: str) -> subprocess.Complete
             "IOMUX_SETUP_STATE": str(machine["tmp"] / "state"),
             "IOMUX_SETUP_LEFT_UP": str(machine["tmp"] / "left-up"),
             "IOMUX_SETUP_LOG_DIR": str(machine["tmp"]), "IOMUX_SETUP_WAIT": "10",
-            "IOMUX_QEMU_CONF": str(machine["tmp"] / "qemu.conf"), **env}
+            "IOMUX_QEMU_CONF": str(machine["tmp"] / "qemu.conf"),
+            "IOMUX_DOCKER_BRIDGE": BRIDGE, **env}
     return subprocess.run(["bash", str(SCRIPT), *args], capture_output=True, text=True,
                           timeout=120, env=full, check=False)
 
@@ -124,7 +135,9 @@ def test_root_installs_starts_is_idempotent_and_stops_only_its_own(
     assert "[setup] installing docker.io" in first.stdout
     assert "[setup] starting dockerd" in first.stdout
     pid = int(machine["up"].read_text())
-    assert (machine["tmp"] / "state").read_text().split() == ["dockerd", str(pid)]
+    # The bridge was not there before: it is ours, recorded before dockerd.
+    assert (machine["tmp"] / "state").read_text().split() == ["link", BRIDGE, "dockerd", str(pid)]
+    assert (machine["links"] / BRIDGE).exists()
 
     before = calls(machine)
     second = run(machine, "start", "docker")
@@ -136,6 +149,9 @@ def test_root_installs_starts_is_idempotent_and_stops_only_its_own(
     stop = run(machine, "stop")
     assert stop.returncode == 0
     assert f"stopping dockerd (pid {pid})" in stop.stdout
+    assert f"removing the {BRIDGE} bridge dockerd made" in stop.stdout
+    assert not (machine["links"] / BRIDGE).exists()
+    assert stop.stdout.index("stopping dockerd") < stop.stdout.index("removing the")
     assert not (machine["tmp"] / "state").exists()
     with pytest.raises(ProcessLookupError):
         for _ in range(50):
@@ -156,6 +172,7 @@ def test_stop_leaves_dockerd_up_while_a_kept_docker_target_needs_it(
     assert kept.returncode == 0
     assert f"leaving dockerd up (pid {pid}): kept docker targets need it" in kept.stdout
     os.kill(pid, 0)  # still running
+    assert (machine["links"] / BRIDGE).exists()  # its bridge stays with it
     # A later run found dockerd up (it starts nothing, its state file is empty) and
     # took the kept target: its stop stops the dockerd the first run left up.
     record.unlink()
@@ -163,6 +180,7 @@ def test_stop_leaves_dockerd_up_while_a_kept_docker_target_needs_it(
     stop = run(machine, "stop", IOMUX_KEPT_DIR=str(store))
     assert f"stopping dockerd (pid {pid})" in stop.stdout, stop.stdout + stop.stderr
     assert not (machine["tmp"] / "left-up").exists()
+    assert not (machine["links"] / BRIDGE).exists()  # and goes when it is stopped
 
 
 def test_stop_leaves_a_daemon_it_did_not_start(machine: dict[str, Path]) -> None:
@@ -274,7 +292,7 @@ def test_one_engine_that_fails_leaves_the_others_set_up(machine: dict[str, Path]
     assert "[setup] set-up of docker failed; their targets are reported not run" in proc.stdout
     assert "dockerd did not answer" in proc.stderr
     # What it did start is still recorded, so stop can take it down.
-    assert (machine["tmp"] / "state").read_text().split()[0] == "dockerd"
+    assert (machine["tmp"] / "state").read_text().split()[:3] == ["link", BRIDGE, "dockerd"]
 
 
 def test_the_kernel_kinds_bring_the_docker_engine(machine: dict[str, Path]) -> None:
@@ -287,3 +305,15 @@ def test_the_kernel_kinds_bring_the_docker_engine(machine: dict[str, Path]) -> N
     assert "[setup] installing docker.io" in proc.stdout
     assert "[setup] starting dockerd" in proc.stdout
     assert run(machine, "stop").returncode == 0
+
+
+def test_a_bridge_that_was_there_before_dockerd_started_is_left(
+        machine: dict[str, Path]) -> None:
+    machine["uid"].write_text("0\n")
+    (machine["links"] / BRIDGE).touch()  # an engine of the user's made it, say
+    assert run(machine, "start", "docker").returncode == 0
+    pid = int(machine["up"].read_text())
+    assert (machine["tmp"] / "state").read_text().split() == ["dockerd", str(pid)]
+    stop = run(machine, "stop")
+    assert stop.returncode == 0 and "removing the" not in stop.stdout
+    assert (machine["links"] / BRIDGE).exists()
