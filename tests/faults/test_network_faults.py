@@ -36,9 +36,9 @@ import pytest
 from faultlib import FD_UNCOUNTABLE, Bystander, fd_count, wait_fds
 from faultproxy import FaultProxy, wait_for
 from serverproc import (
-    _EXEC_WRAPPER,
     ServerFactory,
     ServerProcess,
+    exec_argv,
     iomux_env,
     pump,
     recv_exact,
@@ -354,8 +354,7 @@ class Netns:
         serve = ["serve", "--backend", backend, "--host", self.ns_ip, "--port", "0",
                  "--ready-file", str(ready_file), "--stop-on-stdin", *extra]
         # ip netns exec execs the command, so the pid we hold is the server's.
-        argv = ["ip", "netns", "exec", self.name, sys.executable, "-c", _EXEC_WRAPPER, "0",
-                "-m", "iomux", *serve]
+        argv = ["ip", "netns", "exec", self.name, *exec_argv(0, *serve)]
         proc = subprocess.Popen(argv, env=iomux_env(), stdin=subprocess.PIPE,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                 start_new_session=True)
