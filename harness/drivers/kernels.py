@@ -200,9 +200,13 @@ class KernelDriver(Driver):
         """The report's facts of the kernel binary that runs."""
         return binary.facts()
 
-    def target_unavailable_reason(self, target: Target) -> str | None:
+    def build_unavailable_reason(self, target: Target) -> str | None:
         """The pinned binary is missing, or the Debian 12 userland cannot be built."""
         return kernel_binary(target).missing_reason() or userland_unavailable_reason(target)
+
+    def target_unavailable_reason(self, target: Target) -> str | None:
+        """What ``build`` needs is missing (a kind adds what only a boot can tell)."""
+        return self.build_unavailable_reason(target)
 
     def sweep(self, run_id: str | None = None, targets: Sequence[Target] = (),
               spare: Collection[str] = ()) -> list[str]:

@@ -22,16 +22,29 @@ Facts about UML on this machine that this relies on:
   it was started in: killing that process group leaves nothing behind.
 - Without ``uml_dir``/``umid`` UML keeps its pid file and management socket in
   ~/.uml/<random>/ and leaves it behind; here they are in the instance's dir.
+- The pinned builds (6.1um4, 6.12um1) cannot run a process on a CPU with AVX-512
+  or AMX. UML sets the FPU state of its guest processes with PTRACE_SETREGSET
+  (NT_X86_XSTATE) from an 832-byte buffer (sizeof(struct _xstate): x87, SSE,
+  AVX), and Linux takes that regset only whole (xstateregs_set: count must be
+  the host's XSAVE size, else EFAULT). Where the XSAVE area is 832 bytes (an
+  AVX2 CPU without PKU) they boot; on a Sapphire Rapids host here (avx512f,
+  amx_tile: 11,008 bytes, measured with ptrace) init dies at once with
+  "userspace - ptrace set fp regs failed, errno = 14" and the kernel panics.
+  Later UML kernels size the buffer from the host (host_fp_size). So whether a
+  build runs is measured, not guessed: ``fpu_refusal`` boots it once with
+  init=/bin/true on the host's own root (about 1 s) and reads that line.
 """
 
 from __future__ import annotations
 
 import base64
 import contextlib
+import functools
 import json
 import os
 import signal
 import subprocess
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -54,6 +67,9 @@ UNREACHABLE = "UML guest: no network but its own loopback, not reachable from th
 #: Marks the UML process and everything it forks, for sweep and destroy.
 ENV_MARK = "IOMUX_UML_INSTANCE"
 BOOT_TIMEOUT_S = 120.0
+#: What the pinned builds print when Linux refuses their FPU state (module docstring).
+FPU_REFUSED = "ptrace set fp regs failed"
+FPU_PROBE_TIMEOUT_S = 60.0
 
 
 class Channel:
@@ -125,6 +141,57 @@ def _exec_dir() -> Path | None:
         return None
 
 
+def _cpu_flags(*wanted: str) -> list[str]:
+    """Those of ``wanted`` that /proc/cpuinfo lists for this CPU."""
+    try:
+        text = Path("/proc/cpuinfo").read_text(errors="replace")
+    except OSError:
+        return []
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines()
+                  if line.startswith("flags")), [])
+    return [flag for flag in wanted if flag in flags]
+
+
+def fpu_refused_reason(binary: kernel_builds.KernelBinary, console: str) -> str | None:
+    """The one-line reason for a console that shows Linux refusing the build's
+    FPU state (module docstring), or None."""
+    if FPU_REFUSED not in console:
+        return None
+    flags = "/".join(_cpu_flags("avx512f", "amx_tile", "pku")) or "large-XSAVE"
+    return (f"{binary.package} {binary.version} cannot run on this CPU: Linux refuses "
+            f"the 832 bytes of FPU state it sets for a process, since this {flags} CPU's "
+            f"XSAVE area is larger (\"{FPU_REFUSED}, errno = 14\") "
+            f"(needs a CPU without AVX-512/PKU/AMX)")
+
+
+@functools.cache
+def fpu_refusal(binary: kernel_builds.KernelBinary) -> str | None:
+    """Boot ``binary`` once with init=/bin/true on the host's root, read-only, and
+    return ``fpu_refused_reason`` of its console (once per process and build).
+
+    Any other outcome is None: init=/bin/true always ends in a panic ("Attempted to
+    kill init"), and a boot that fails for another reason is ``start``'s to report.
+    """
+    with tempfile.TemporaryDirectory(prefix="iomux-uml-probe-") as home:
+        argv = [*binary.argv0(), "mem=64M", "root=/dev/root", "rootfstype=hostfs",
+                "rootflags=/", "ro", "init=/bin/true", "con0=null,fd:1", "con=null",
+                f"uml_dir={home}", "umid=fpu-probe"]
+        env = {"PATH": "/usr/bin:/bin", ENV_MARK: Path(home).name,
+               "TMPDIR": str(_exec_dir() or home), **binary.env()}
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, env=env, cwd=home,
+                                start_new_session=True)
+        try:
+            out, _ = proc.communicate(timeout=FPU_PROBE_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            out = b""
+        finally:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    return fpu_refused_reason(binary, out.decode(errors="replace"))
+
+
 class UMLDriver(kernels.KernelDriver):
     """Targets that are a User-Mode Linux guest on this host."""
 
@@ -148,6 +215,13 @@ class UMLDriver(kernels.KernelDriver):
         if os.uname().sysname != "Linux" or os.uname().machine != "x86_64":
             return "User-Mode Linux runs on x86-64 Linux hosts only"
         return None
+
+    def target_unavailable_reason(self, target: Target) -> str | None:
+        """As every kernel kind's, and the build must be able to run a process on
+        this CPU (``fpu_refusal``)."""
+        binary = kernel_builds.kernel_binary(target)
+        return (binary.missing_reason() or fpu_refusal(binary)
+                or self.build_unavailable_reason(target))
 
     def _marker(self, home: Path) -> str:
         """ENV_MARK in the environment of the UML process and all it forks."""
@@ -198,6 +272,9 @@ class UMLDriver(kernels.KernelDriver):
             instance.data["release"] = hello.get("release")
         except BaseException as exc:
             tail = kernels.log_tail(home / "console.log")
+            with contextlib.suppress(OSError):
+                tail = fpu_refused_reason(binary, (home / "console.log").read_text(
+                    errors="replace")) or tail
             self.destroy(instance, 30)
             if isinstance(exc, (StepTimeout, TargetError)):
                 raise type(exc)(f"start: UML did not boot: {exc} ({tail})") from None

@@ -15,9 +15,10 @@ from typing import Any, ClassVar
 import pytest
 from kernel_driver_cases import KernelDriverCases
 
-from harness.drivers import kernels
+from harness.drivers import kernel_builds, kernels
 from harness.drivers.base import Instance, StepTimeout, Target, TargetError
-from harness.drivers.uml import ENV_MARK, UMLDriver
+from harness.drivers.uml import ENV_MARK, UMLDriver, fpu_refusal, fpu_refused_reason
+from harness.targets import load
 
 pytestmark = pytest.mark.slow
 
@@ -55,3 +56,45 @@ class TestUMLDriver(KernelDriverCases):
             self.driver.start(broken, run_id, "t2", timeout=60)
         assert kernels.marked_pids(f"{ENV_MARK}={name}") == []
         assert not (kernels.STATE_BASE / "uml" / name).exists()
+
+
+def test_fpu_refused_reason_reads_the_console_line() -> None:
+    binary = kernel_builds.KernelBinary("user-mode-linux", "6.1um4+b13", "bookworm")
+    refused = ("Run /bin/true as init process\n"
+               "userspace - ptrace set fp regs failed, errno = 14\n"
+               "Kernel panic - not syncing: Attempted to kill init! exitcode=0x0000000b\n")
+    reason = fpu_refused_reason(binary, refused)
+    assert reason is not None and reason.startswith(
+        "user-mode-linux 6.1um4+b13 cannot run on this CPU")
+    assert reason.endswith("(needs a CPU without AVX-512/PKU/AMX)")
+    booted = "Run /bin/true as init process\nKernel panic - not syncing: Attempted to kill init!"
+    assert fpu_refused_reason(binary, booted) is None
+
+
+@pytest.mark.parametrize("target_name", ["uml-6-1", "uml-6-12"])
+def test_fpu_probe_agrees_with_a_real_boot(target_name: str) -> None:
+    """The probe that makes a target "not run" on this CPU says what a real boot
+    of that target does: no refusal and the agent answers, or the refusal and a
+    start that fails with the same reason."""
+    target = next(t for t in load() if t.name == target_name)
+    binary = kernel_builds.kernel_binary(target)
+    missing = binary.missing_reason()
+    if missing:
+        pytest.skip(f"not run: {missing}")
+    driver = UMLDriver()
+    refused = fpu_refusal(binary)
+    built = driver.build(target, timeout=1800)
+    assert Path(built["rootfs"], "opt/iomux/uml_agent.py").is_file()
+    run_id = f"test-{uuid.uuid4().hex[:8]}"
+    name = f"iomux-{run_id}-t3-{target.name}"
+    if refused is None:
+        instance = driver.start(target, run_id, "t3", timeout=120)
+        try:
+            assert driver.exec(instance, ["true"], 30).rc == 0
+        finally:
+            driver.destroy(instance, 60)
+    else:
+        with pytest.raises(TargetError, match="cannot run on this CPU") as failed:
+            driver.start(target, run_id, "t3", timeout=120)
+        assert refused in str(failed.value)
+    assert kernels.marked_pids(f"{ENV_MARK}={name}") == []
