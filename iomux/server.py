@@ -75,12 +75,17 @@ import socket
 import sys
 import threading
 import time
-from typing import Callable, Dict, List, Optional, Tuple, Type
 
 from iomux import __version__
 from iomux.backends.base import EVENT_READ, Multiplexer
 from iomux.connection import Connection
 from iomux.errors import RuntimeFailure, UsageError
+
+# Type names for the checker only: importing typing is 8% of what `iomux serve`
+# costs to start (iomux/backends/base.py).
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Callable, Dict, List, Optional, Tuple, Type
 
 # What one read asks for: large enough that a 64 KiB message is usually one
 # read. (os.read allocates that much and shrinks it to what came.)

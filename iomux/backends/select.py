@@ -21,9 +21,16 @@ Some facts about select, and what follows for us:
 from __future__ import annotations
 
 import select
-from typing import Dict, Optional, Set
 
-from iomux.backends.base import EVENT_READ, EVENT_WRITE, Events, Multiplexer
+from iomux.backends.base import EVENT_READ, EVENT_WRITE, Multiplexer
+
+# Type names for the checker only: importing typing is 8% of what `iomux serve`
+# costs to start (iomux/backends/base.py).
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Dict, Optional, Set
+
+    from iomux.backends.base import Events
 
 FD_SETSIZE = 1024
 

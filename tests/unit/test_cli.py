@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import signal
@@ -262,7 +263,9 @@ def test_serve_starts_without_the_modules_only_other_commands_need() -> None:
     what `iomux serve` imports is paid hundreds of times on every kernel: not the
     load client (bench's arguments), not the idna codec (a str host passed to
     getaddrinfo), not dataclasses and the inspect it imports (ServerConfig is a
-    plain class). `bench --help` still shows the load client's own options."""
+    plain class), not typing (its names are the type checker's only), and no
+    other command's subparser. `bench --help` still shows the load client's own
+    options."""
     proc = subprocess.run(
         [sys.executable, "-X", "importtime", "-m", "iomux", "serve", "--port", "0",
          "--stop-on-stdin", "--quiet"],
@@ -272,10 +275,26 @@ def test_serve_starts_without_the_modules_only_other_commands_need() -> None:
     imported = {line.rsplit("|", 1)[1].strip() for line in proc.stderr.splitlines()
                 if line.startswith("import time:") and "|" in line}
     assert {"iomux.cli", "iomux.server"} <= imported
-    assert not {"iomux.loadgen", "encodings.idna", "dataclasses", "inspect"} & imported, \
+    assert not {"iomux.loadgen", "encodings.idna", "dataclasses", "inspect", "typing"} & imported, \
         sorted(imported)
     shown = run_cli("bench", "--help")
     assert shown.returncode == 0 and "--conns" in shown.stdout and "--size" in shown.stdout
+
+
+def _subcommands(parser: argparse.ArgumentParser) -> List[str]:
+    subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    assert len(subs) == 1
+    return list(subs[0].choices)
+
+
+def test_a_known_command_builds_only_its_own_subparser() -> None:
+    every = ["serve", "backends", "probe", "check", "bench", "report"]
+    assert _subcommands(cli.build_parser()) == every
+    assert _subcommands(cli.build_parser("serv")) == every  # the usage error lists them all
+    for command in every:
+        assert _subcommands(cli.build_parser(command)) == [command]
+    typo = run_cli("serv")
+    assert typo.returncode == 2 and "choose from 'serve', 'backends'" in typo.stderr
 
 
 def test_server_config_options_are_its_parameters_and_the_parsers_dests() -> None:
