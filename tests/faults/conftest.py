@@ -1,7 +1,8 @@
 """Fixtures of the fault suite: servers (reusing tests/server's helper), the suite marker.
 
 The fault suite sits beside tests/server and imports its ``serverproc`` helper
-(the black-box way of starting ``iomux serve``) instead of copying it; in a
+(the black-box way of starting ``iomux serve``) and its ``kernel_expectations``
+instead of copying them; in a
 target, both directories are copied side by side (/opt/iomux/tests/server and
 /opt/iomux/tests/faults), so the sibling path works there too.
 """
@@ -21,10 +22,8 @@ for _path in (_HERE, _HERE.parent / "server"):
     if str(_path) not in sys.path:
         sys.path.insert(0, str(_path))
 
-from kernel_expectations import EXPECTED_FAILURES  # noqa: E402
+from kernel_expectations import mark_expected_failures  # noqa: E402
 from serverproc import ServerFactory, server_factory  # noqa: E402  (needs the sys.path lines above)
-
-from iomux.facts import kernel_identity  # noqa: E402
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -33,16 +32,8 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Mark the tests this kernel is expected to fail, with their reasons
-    (kernel_expectations.py); every other test must pass everywhere."""
-    family = str(kernel_identity().get("family"))
-    expected = EXPECTED_FAILURES.get(family, {})
-    for item in items:
-        name = getattr(item, "originalname", item.name)
-        if name in expected:
-            entry = expected[name]
-            item.add_marker(pytest.mark.xfail(reason=f"{family}: {entry.reason}",
-                                              strict=entry.strict))
+    """Mark the tests this kernel is expected to fail (../server/kernel_expectations.py)."""
+    mark_expected_failures(items)
 
 
 @pytest.fixture

@@ -1,10 +1,13 @@
-"""What a kernel is expected to do differently in the fault suite, as data.
+"""What a kernel is expected to do differently in the in-guest and fault suites, as data.
 
 In the manner of Fuchsia's expectation files (STYLE.md section 7): a test is never
 weakened for a kernel; where a kernel is known to behave differently, the test
 keeps its assertions and carries a named entry here, with the reason and what was
-seen, and conftest.py marks it expected to fail on that kernel only. The kernel
-is the one ``iomux.facts.kernel_identity()`` detects where the suite runs.
+seen, and each suite's conftest.py marks it expected to fail on that kernel only
+(``mark_expected_failures``). The kernel is the one ``iomux.facts.kernel_identity()``
+detects where the suite runs. Both suites read this one table: tests/faults imports
+its sibling tests/server, as it does serverproc.py, and test names are unique
+across the two.
 
 An entry is ``strict`` when the difference shows on every run (then an unexpected
 pass fails the suite); a race in the kernel that shows on some runs only is not
@@ -13,7 +16,11 @@ strict, and the report still shows whether it failed (xfailed) or passed (xpasse
 
 from __future__ import annotations
 
-from typing import Dict, NamedTuple
+from typing import Dict, List, NamedTuple
+
+import pytest
+
+from iomux.facts import kernel_identity
 
 
 class Expectation(NamedTuple):
@@ -46,5 +53,27 @@ EXPECTED_FAILURES: Dict[str, Dict[str, Expectation]] = {
             "gVisor netstack: a loopback echo of single-byte segments can stop with "
             "bytes still owed (seen once on 20240729, select backend)",
             strict=False),
+        # tests/server. Seen on runsc 20221219 (epoll-et backend, one run of seven
+        # targets on two cores, 2026-12-02; the run before it passed): the client,
+        # at SO_RCVBUF 8 KiB, got 3,072,000 of 8,388,608 bytes and then nothing for
+        # the 10 s stall limit, while the server held echo it could not send. The
+        # same small-window hold as test_partial_writes_sha256's.
+        "test_half_close_with_output_still_pending": Expectation(
+            "gVisor netstack: with an 8 KiB receive window a loopback echo can stall "
+            "with data queued while the receiver reads (seen once on 20221219)",
+            strict=False),
     },
 }
+
+
+def mark_expected_failures(items: List[pytest.Item]) -> None:
+    """Mark the tests this kernel is expected to fail, with their reasons; every
+    other test must pass everywhere (a conftest's pytest_collection_modifyitems)."""
+    family = str(kernel_identity().get("family"))
+    expected = EXPECTED_FAILURES.get(family, {})
+    for item in items:
+        name = getattr(item, "originalname", item.name)
+        if name in expected:
+            entry = expected[name]
+            item.add_marker(pytest.mark.xfail(reason=f"{family}: {entry.reason}",
+                                              strict=entry.strict))
