@@ -22,8 +22,8 @@ Facts about UML on this machine that this relies on:
   it was started in: killing that process group leaves nothing behind.
 - Without ``uml_dir``/``umid`` UML keeps its pid file and management socket in
   ~/.uml/<random>/ and leaves it behind; here they are in the instance's dir.
-- The pinned builds (6.1um4, 6.12um1) cannot run a process on a CPU with AVX-512
-  or AMX. UML sets the FPU state of its guest processes with PTRACE_SETREGSET
+- The pinned builds (6.1um4, 6.12um1) cannot run a process on a CPU with AVX-512,
+  PKU or AMX. UML sets the FPU state of its guest processes with PTRACE_SETREGSET
   (NT_X86_XSTATE) from an 832-byte buffer (sizeof(struct _xstate): x87, SSE,
   AVX), and Linux takes that regset only whole (xstateregs_set: count must be
   the host's XSAVE size, else EFAULT). Where the XSAVE area is 832 bytes (an
