@@ -219,9 +219,8 @@ class UMLDriver(kernels.KernelDriver):
     def target_unavailable_reason(self, target: Target) -> str | None:
         """As every kernel kind's, and the build must be able to run a process on
         this CPU (``fpu_refusal``)."""
-        binary = kernel_builds.kernel_binary(target)
-        return (binary.missing_reason() or fpu_refusal(binary)
-                or self.build_unavailable_reason(target))
+        return (self.build_unavailable_reason(target)
+                or fpu_refusal(kernel_builds.kernel_binary(target)))
 
     def _marker(self, home: Path) -> str:
         """ENV_MARK in the environment of the UML process and all it forks."""
