@@ -9,6 +9,7 @@ back, and each inner test recorded under the report suite it belongs to
 from __future__ import annotations
 
 import json
+import os
 import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
@@ -24,32 +25,74 @@ INNER_TIMEOUT = 1800.0
 
 #: Runs the inner pytest in this process (``pytest.main``, as ``-m pytest`` would; a
 #: timeout still kills the one process) and prints, as its last line on stderr, its wall
-#: seconds and the CPU seconds of the process and of every child it waited for (the echo
-#: servers the tests start): os.times(), POSIX, so the same on every kernel.
+#: seconds, the CPU seconds of the process and of every child it waited for (the xdist
+#: workers and the echo servers the tests start): os.times(), POSIX, so the same on
+#: every kernel; and how many xdist workers it ran on, and why.
+#: Its first argument caps the workers (inner_workers_cap); it runs as many as the
+#: target has CPUs, up to that cap, where pytest-xdist is installed there (the docker
+#: images have it, guest_wheels.GUEST_TOOLS; the boxes' Debian and FreeBSD packages
+#: need not). The suites wait more than they compute (a container's in-guest suite:
+#: 49 s of wall for 6.6 CPU seconds), so a second worker halves what waiting costs.
 #: Python 3.9-compatible, since it runs on the target's interpreter.
 CPU_MARKER = "IOMUX-SUITE-CPU "
 _MEASURE = (
     "import json, os, sys, time\n"
     "t = time.monotonic()\n"
+    "cap, args = int(sys.argv[1]), sys.argv[2:]\n"
+    "if hasattr(os, 'sched_getaffinity'):\n"
+    "    cpus = len(os.sched_getaffinity(0))\n"
+    "else:\n"
+    "    cpus = os.cpu_count() or 1\n"
     "import pytest\n"
-    "rc = int(pytest.main(sys.argv[1:]))\n"
+    "try:\n"
+    "    import xdist\n"
+    "    why = ''\n"
+    "except ImportError:\n"
+    "    why = 'pytest-xdist is not installed in the target'\n"
+    "workers = 1 if why else min(cap, cpus)\n"
+    "if workers > 1:\n"
+    "    args = ['-n', str(workers)] + args\n"
+    "elif not why:\n"
+    "    why = '1 CPU in the target' if cpus == 1 else 'capped at 1 worker'\n"
+    "rc = int(pytest.main(args))\n"
     "c = os.times()\n"
     "sys.stdout.flush()\n"
     f"sys.stderr.write({CPU_MARKER!r} + json.dumps({{'wall_s': time.monotonic() - t, "
-    "'cpu_s': c.user + c.system + c.children_user + c.children_system}) + '\\n')\n"
+    "'cpu_s': c.user + c.system + c.children_user + c.children_system, "
+    "'workers': workers, 'cpus': cpus, 'serial_because': why}) + '\\n')\n"
     "sys.exit(rc)\n")
 
+#: IOMUX_INNER_WORKERS caps an inner suite's xdist workers; by default the host's
+#: cores, since every target's CPUs here are the host's (a container's, gVisor's
+#: sandbox's) or fewer (a VM's vCPUs).
+INNER_WORKERS_ENV = "IOMUX_INNER_WORKERS"
 
-def suite_cpu(stderr: str) -> dict[str, float] | None:
-    """The wall and CPU seconds the measuring wrapper printed, or None."""
+
+def inner_workers_cap() -> int:
+    """The most xdist workers an inner suite may run on (INNER_WORKERS_ENV)."""
+    raw = os.environ.get(INNER_WORKERS_ENV, "")
+    try:
+        return max(1, int(raw)) if raw else max(1, os.cpu_count() or 1)
+    except ValueError:
+        raise TargetError(f"{INNER_WORKERS_ENV}={raw!r}: not a whole number") from None
+
+
+def suite_cpu(stderr: str) -> dict[str, Any] | None:
+    """The wall and CPU seconds and the workers the measuring wrapper printed, or None."""
     for line in reversed(stderr.splitlines()):
         if line.startswith(CPU_MARKER):
             try:
                 found = json.loads(line[len(CPU_MARKER):])
             except ValueError:
                 return None
-            return {k: round(float(found[k]), 3) for k in ("wall_s", "cpu_s")
-                    if isinstance(found.get(k), (int, float))}
+            out: dict[str, Any] = {k: round(float(found[k]), 3) for k in ("wall_s", "cpu_s")
+                                   if isinstance(found.get(k), (int, float))}
+            for key in ("workers", "cpus"):
+                if isinstance(found.get(key), int):
+                    out[key] = found[key]
+            if isinstance(found.get("serial_because"), str) and found["serial_because"]:
+                out["serial_because"] = found["serial_because"]
+            return out
     return None
 
 
@@ -94,7 +137,7 @@ def run_inner_suite(running_target: RunningTarget, request: pytest.FixtureReques
     scratch = running_target.instance.guest.scratch_dir
     inner_xml = f"{scratch}/iomux-{suite}.xml"
     python = target_python(running_target)
-    argv = [python, "-c", _MEASURE, "-p", "no:cacheprovider", "-q",
+    argv = [python, "-c", _MEASURE, str(inner_workers_cap()), "-p", "no:cacheprovider", "-q",
             tests_dir, "--junitxml", inner_xml]
     if env:
         # env(1) takes NAME=VALUE words as data: no shell is involved.

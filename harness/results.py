@@ -81,7 +81,8 @@ def suite_timings_of(tests: list[dict[str, Any]], records: dict[str, Any]
     """Per suite: its tests, their wall seconds (without the lifecycle steps that ran in
     a test's setup or teardown), the harness's CPU seconds on the host,
     and, for a suite run inside the target, that pytest's CPU seconds there (recorded by
-    harness.guest_suites as ``suite_cpu:<suite>``; None elsewhere). Wall against CPU
+    harness.guest_suites as ``suite_cpu:<suite>``; None elsewhere), with the xdist
+    workers it ran on there (``workers``; ``serial_because`` when one). Wall against CPU
     says whether a suite computes or waits (DESIGN.md section 6)."""
     out: dict[str, dict[str, Any]] = {}
     for t in tests:
@@ -98,6 +99,11 @@ def suite_timings_of(tests: list[dict[str, Any]], records: dict[str, Any]
         inner = records.get(f"suite_cpu:{suite}")
         if isinstance(inner, dict) and isinstance(inner.get("cpu_s"), (int, float)):
             entry["target_cpu_s"] = round(float(inner["cpu_s"]), 3)
+        if isinstance(inner, dict) and isinstance(inner.get("workers"), int):
+            # How many xdist workers the suite ran on in the target, and why one.
+            entry["workers"] = inner["workers"]
+            if inner.get("serial_because"):
+                entry["serial_because"] = inner["serial_because"]
     return out
 
 

@@ -139,13 +139,14 @@ def timings_rows(results: Dict[str, Any]) -> List[List[str]]:
 
 
 SUITE_TIMING_HEADER = ["target", "suite", "tests", "wall", "harness CPU", "target CPU",
-                       "CPU/wall"]
+                       "CPU/wall", "workers"]
 
 
 def suite_timing_rows(results: Dict[str, Any]) -> List[List[str]]:
     """Per target and suite: tests, wall seconds, the harness's CPU seconds on the host,
-    the suite's own CPU seconds in the target (in-guest suites), and CPU over wall:
-    near 0 a suite waits, near 1 (or more, with children) it computes."""
+    the suite's own CPU seconds in the target (in-guest suites), CPU over wall:
+    near 0 a suite waits, near 1 (or more, with children) it computes; and the xdist
+    workers an in-guest suite ran on in the target."""
     rows = []
     for t in model.targets(results):
         for suite, entry in sorted((t.get("suite_timings") or {}).items()):
@@ -154,7 +155,8 @@ def suite_timing_rows(results: Dict[str, Any]) -> List[List[str]]:
             cpu = inner if inner is not None else _number(entry.get("harness_cpu_s"))
             share = f"{cpu / wall:.2f}" if cpu is not None and wall else ""
             rows.append([str(t.get("name")), suite, str(entry.get("tests", "")), _seconds(wall),
-                         _seconds(entry.get("harness_cpu_s")), _seconds(inner), share])
+                         _seconds(entry.get("harness_cpu_s")), _seconds(inner), share,
+                         str(entry.get("workers", ""))])
     return rows
 
 

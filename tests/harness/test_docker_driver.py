@@ -22,6 +22,7 @@ import pytest
 from harness.drivers.base import LABEL_PROJECT, LABEL_RUN, PROJECT, StepTimeout, Target, TargetError
 from harness.drivers.docker.driver import DockerDriver, owner_alive
 from harness.drivers.docker.engine import LABEL_OWNER, LABEL_WORKER, docker_errors
+from harness.drivers.docker.guest_wheels import GUEST_TOOLS
 from harness.targets import load
 
 _DRIVER = DockerDriver()
@@ -152,7 +153,8 @@ def test_every_backend_echoes_through_its_published_port(driver: DockerDriver,
     assert all(pid > 1 for pid in instance.guest.server_pids.values())
 
 
-def test_exec_runs_as_non_root_on_a_read_only_root(driver: DockerDriver, instance: Any) -> None:
+def test_exec_runs_as_non_root_on_a_read_only_root(driver: DockerDriver, instance: Any,
+                                                   built: dict[str, Any]) -> None:
     result = driver.exec(instance, ["id", "-u"], timeout=30)
     assert result.rc == 0 and result.stdout.strip() != "0", result
     assert driver.exec(instance, ["touch", "/iomux-probe"], timeout=30).rc != 0
@@ -161,6 +163,13 @@ def test_exec_runs_as_non_root_on_a_read_only_root(driver: DockerDriver, instanc
     pytest_version = driver.exec(instance, [instance.guest.python, "-m", "pytest",
                                             "--version"], timeout=60)
     assert pytest_version.rc == 0 and "pytest" in pytest_version.stdout + pytest_version.stderr
+    # and every guest tool, pytest-xdist among them, at the version the build recorded
+    code = ("import json, sys; from importlib.metadata import version; "
+            "print(json.dumps({t: version(t) for t in sys.argv[1:]}))")
+    tools = driver.exec(instance, [instance.guest.python, "-c", code, *GUEST_TOOLS], timeout=60)
+    assert tools.rc == 0, tools.stderr
+    assert json.loads(tools.stdout) == built["guest_tools"], tools.stdout
+    assert set(built["guest_tools"]) == set(GUEST_TOOLS)
     listing = driver.exec(instance, ["ls", str(instance.guest.tests_dir)], timeout=30)
     assert "conftest.py" in listing.stdout.split()
 

@@ -474,7 +474,8 @@ def test_suite_timings_say_whether_a_suite_waits_or_computes(tmp_path: Path,
                                                              validator: str) -> None:
     doc = sample()
     doc["targets"][0]["suite_timings"] = {
-        "in-guest": {"tests": 5, "wall_s": 40.0, "harness_cpu_s": 0.5, "target_cpu_s": 30.0},
+        "in-guest": {"tests": 5, "wall_s": 40.0, "harness_cpu_s": 0.5, "target_cpu_s": 30.0,
+                     "workers": 2},
         "black-box": {"tests": 3, "wall_s": 8.0, "harness_cpu_s": 0.4, "target_cpu_s": None},
     }
     report.write_run(tmp_path, doc)
@@ -483,12 +484,16 @@ def test_suite_timings_say_whether_a_suite_waits_or_computes(tmp_path: Path,
     rows = [[c.strip() for c in line.split("|")[1:-1]] for line in table.splitlines()
             if line.startswith("| debian-12")]
     # The in-guest suite's own CPU in the target is its measure; elsewhere the harness's.
-    assert ["debian-12", "black-box", "3", "8.0", "0.4", "", "0.05"] in rows
-    assert ["debian-12", "in-guest", "5", "40.0", "0.5", "30.0", "0.75"] in rows
+    assert ["debian-12", "black-box", "3", "8.0", "0.4", "", "0.05", ""] in rows
+    assert ["debian-12", "in-guest", "5", "40.0", "0.5", "30.0", "0.75", "2"] in rows
     assert not [line for line in table.splitlines() if line.startswith("| debian-13")]
     page = (tmp_path / "report.html").read_text()
     assert 'id="suite-timings"' in page and "<td class=\"num\">0.75</td>" in page
     broken = json.loads(json.dumps(doc))
     broken["targets"][0]["suite_timings"]["in-guest"].pop("target_cpu_s")
     with pytest.raises(ResultsError, match=r"^/targets/0/suite_timings/in-guest"):
+        report.validate(broken)
+    broken = json.loads(json.dumps(doc))
+    broken["targets"][0]["suite_timings"]["in-guest"]["workers"] = 0
+    with pytest.raises(ResultsError, match=r"^/targets/0/suite_timings/in-guest/workers"):
         report.validate(broken)

@@ -1,5 +1,5 @@
-"""The guest's test tools for a docker target image: pytest and hypothesis with
-their dependencies, and pip, as wheels for the target's own Python, downloaded
+"""The guest's test tools for a docker target image: pytest, hypothesis and
+pytest-xdist with their dependencies, and pip, as wheels for the target's own Python, downloaded
 once on the host (a container never reaches PyPI).
 
 They are resolved for the target's Python: the host's versions where they
@@ -25,22 +25,19 @@ from harness.drivers.docker.base_images import (
     run_step,
 )
 
-#: The in-guest suites' test tools, resolved per target Python (dependency_wheels).
-GUEST_TOOLS = ("pytest", "hypothesis")
+#: The in-guest suites' test tools, resolved per target Python (dependency_wheels):
+#: pytest; hypothesis for the fault suite's random clients; pytest-xdist so that a
+#: target with more than one CPU runs its inner suites in parallel (guest_suites.py).
+#: The Dockerfile installs these names (its GUEST_TOOLS build argument).
+GUEST_TOOLS = ("pytest", "hypothesis", "pytest-xdist")
 
 
-def host_pytest_version() -> str:
-    """The host's pytest: what a target gets where it installs there (guest_tool_specs)."""
-    import pytest
+def host_tool_version(tool: str) -> str:
+    """The host's release of ``tool``: what a target gets where it installs there
+    (guest_tool_specs)."""
+    from importlib.metadata import version
 
-    return str(pytest.__version__)
-
-
-def host_hypothesis_version() -> str:
-    """The host's hypothesis (the fault suite's random clients); see guest_tool_specs."""
-    import hypothesis
-
-    return str(hypothesis.__version__)
+    return version(tool)
 
 
 def target_python(target: Target) -> str:
@@ -66,8 +63,8 @@ def _pip_download(python: str, specs: list[str], dest: Path, deadline: float,
 
 def guest_tool_specs(python: str, deadline: float, scratch: Path) -> list[str]:
     """``pytest==<host's>`` where the host's release installs on Python ``python``,
-    else plain ``pytest`` (the newest release that does); the same for hypothesis."""
-    pins = {"pytest": host_pytest_version(), "hypothesis": host_hypothesis_version()}
+    else plain ``pytest`` (the newest release that does); the same for each of GUEST_TOOLS."""
+    pins = {tool: host_tool_version(tool) for tool in GUEST_TOOLS}
     specs = []
     for tool in GUEST_TOOLS:
         try:
@@ -84,10 +81,10 @@ def guest_tool_specs(python: str, deadline: float, scratch: Path) -> list[str]:
 
 
 def dependency_wheels(python: str, deadline: float) -> list[Path]:
-    """pytest and hypothesis (see ``guest_tool_specs``) with their dependencies, and
-    pip itself, as wheels for Python ``python``; downloaded once from PyPI on the host."""
-    out = cache_dir() / "wheels" / (f"py{python}-pytest{host_pytest_version()}"
-                                     f"-hypothesis{host_hypothesis_version()}")
+    """GUEST_TOOLS (see ``guest_tool_specs``) with their dependencies, and pip
+    itself, as wheels for Python ``python``; downloaded once from PyPI on the host."""
+    out = cache_dir() / "wheels" / "-".join(
+        [f"py{python}", *(f"{tool}{host_tool_version(tool)}" for tool in GUEST_TOOLS)])
     with file_lock(f"wheels-py{python}"):
         if not (out / ".complete").exists():
             staging = Path(tempfile.mkdtemp(prefix="iomux-wheels-", dir=cache_dir()))
@@ -140,10 +137,12 @@ def _marker_requirements(python: str, wheels: list[Path]) -> list[str]:
 
 
 def guest_tool_versions(wheels: list[Path]) -> dict[str, str]:
-    """``{"pytest": "8.4.2", ...}`` from the wheel file names (name-version-...whl)."""
+    """``{"pytest": "8.4.2", ...}`` from the wheel file names (name-version-...whl,
+    the name with ``_`` for ``-``)."""
+    tools = {tool.replace("-", "_"): tool for tool in GUEST_TOOLS}
     found = {}
     for wheel in wheels:
         name, _, rest = wheel.name.partition("-")
-        if name in GUEST_TOOLS:
-            found[name] = rest.split("-", 1)[0]
+        if name in tools:
+            found[tools[name]] = rest.split("-", 1)[0]
     return found

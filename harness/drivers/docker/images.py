@@ -52,6 +52,7 @@ from harness.drivers.docker.base_images import (
 )
 from harness.drivers.docker.engine import docker_errors, docker_sdk, parse_created
 from harness.drivers.docker.guest_wheels import (
+    GUEST_TOOLS,
     dependency_wheels,
     guest_tool_versions,
     target_python,
@@ -231,7 +232,8 @@ class ImageBuilder(BaseImageBuilder):
             path=str(ctx), dockerfile="Dockerfile", tag=tag, rm=True, forcerm=True, pull=False,
             nocache=nocache,
             decode=True, labels=labels, network_mode=network,
-            buildargs={"BASE_IMAGE": base.ref, "IOMUX_VERSION": __version__})
+            buildargs={"BASE_IMAGE": base.ref, "IOMUX_VERSION": __version__,
+                       "GUEST_TOOLS": " ".join(GUEST_TOOLS)})
         image_id: str | None = None
         tail: list[str] = []
         for chunk in stream:
