@@ -73,12 +73,16 @@ def reuse_line(target: Dict[str, Any]) -> Optional[str]:
         return None
     name, source = target.get("name"), reuse.get("from_run") or "?"
     if target.get("reused") is True:
-        attach, saved = _num(reuse.get("attach_s")), _num(reuse.get("saved_s"))
+        attach, saved = _num(reuse.get("attach_s")), reuse.get("saved_s")
         line = f"{name}: reused the target kept by run {source}"
         if attach is not None:
             line += f", attached in {attach:.1f} s"
-        if saved is not None:
-            line += f", saved {saved:.1f} s of build and start"
+        if isinstance(saved, (int, float)) and not isinstance(saved, bool) \
+                and math.isfinite(saved):
+            # Attaching can cost more than a cached image's build and a container's
+            # start (a loaded machine, a warm cache): say so rather than drop it.
+            line += (f", saved {saved:.1f} s of build and start" if saved >= 0.05 else
+                     f", saved nothing: {-saved:.1f} s more than its first build and start")
         return line
     why = reuse.get("why") or "unknown"
     if not reuse.get("from_run"):

@@ -13,6 +13,7 @@ xdist group, so it never runs at the same time.
 
 from __future__ import annotations
 
+import html
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ from test_plugin_e2e import load_results, run_harness
 from harness import kept_targets
 from harness.drivers.base import LABEL_RUN
 from harness.drivers.docker.driver import DockerDriver
+from iomux.report import model
 
 _DRIVER = DockerDriver()
 _REASON = _DRIVER.unavailable_reason()
@@ -76,7 +78,9 @@ def test_a_kept_container_is_reused_then_destroyed(tmp_path: Path) -> None:
             first["timings"]["build"] + first["timings"]["start"] - reuse["attach_s"], abs=0.5)
         summary = (tmp_path / "reports" / "latest" / "summary.md").read_text()
         assert f"reused the target kept by run {first_run['run_id']}" in summary
-        assert "saved" in (tmp_path / "reports" / "latest" / "report.html").read_text()
+        line = model.reuse_line(second)
+        assert line and ", saved " in line, line
+        assert html.escape(line) in (tmp_path / "reports" / "latest" / "report.html").read_text()
 
         _, third = run(tmp_path, "always")
         assert third["reused"] is True and third["timings"]["destroy"] is not None
