@@ -21,7 +21,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -375,7 +374,13 @@ def second_engine() -> Iterator[SecondEngine]:
     - It is up in about a second; SIGTERM stops it, its containerd and their
       mounts, and leaves its bridge, which is deleted here.
     """
-    root = Path(tempfile.mkdtemp(prefix="iomux-e2-", dir="/tmp"))  # a socket path is short
+    # The directory's name is the engine's containerd namespace too, and containerd
+    # takes only [A-Za-z0-9]+ joined by single '.', '_' or '-' (identifiers.Validate:
+    # "namespace validation: identifier ... must match"), so it is made of hex here:
+    # mkdtemp's suffix may start or end with '_' or hold '__', which failed about one
+    # run in twenty at container start. /tmp keeps the socket path short.
+    root = Path("/tmp") / f"iomux-e2-{uuid.uuid4().hex[:12]}"
+    root.mkdir(mode=0o700)
     bridge = f"iomuxe2{uuid.uuid4().hex[:8]}"  # 15 characters at most
     pool = _free_pool()
     (root / "daemon.json").write_text("{}")
