@@ -131,13 +131,16 @@ class NetworkFaultTests:
         """Fault: the path re-segments everything into 1-byte sends.
 
         Injection: the fault proxy forwards one byte per send() (TCP_NODELAY)
-        both ways; a client echoes 16 KiB (scaled) through it.
+        both ways; a client echoes 4 KiB (scaled) through it.
         Must hold: the echo is exact, every byte was its own send towards the
         server, and it takes under 30 s (the bound).
         """
         server = self.serve()
         proxy = self.proxy(server, slice_size=1)
-        payload = os.urandom(scaled(16 * KiB))
+        # 4 KiB, not 16: each byte is its own send both ways through the proxy, so
+        # 4,096 (1,024 in a VM at scale 0.25) are as many rounds of the same fault;
+        # 16 KiB took 69 s of the VM's fault suite over its 4 backends.
+        payload = os.urandom(scaled(4 * KiB))
         echoed, took = echo_timed(proxy.address, payload)
         assert echoed == payload
         assert took < wait(30), f"{took:.2f}s"
