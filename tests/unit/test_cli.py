@@ -263,8 +263,9 @@ def test_serve_starts_without_the_modules_only_other_commands_need() -> None:
     what `iomux serve` imports is paid hundreds of times on every kernel: not the
     load client (bench's arguments), not the idna codec (a str host passed to
     getaddrinfo), not dataclasses and the inspect it imports (ServerConfig is a
-    plain class), not typing (its names are the type checker's only), and no
-    other command's subparser. `bench --help` still shows the load client's own
+    plain class), not typing (its names are the type checker's only), not shutil
+    (argparse's formatter wants only the terminal's width), and no other
+    command's subparser. `bench --help` still shows the load client's own
     options."""
     proc = subprocess.run(
         [sys.executable, "-X", "importtime", "-m", "iomux", "serve", "--port", "0",
@@ -275,10 +276,57 @@ def test_serve_starts_without_the_modules_only_other_commands_need() -> None:
     imported = {line.rsplit("|", 1)[1].strip() for line in proc.stderr.splitlines()
                 if line.startswith("import time:") and "|" in line}
     assert {"iomux.cli", "iomux.server"} <= imported
-    assert not {"iomux.loadgen", "encodings.idna", "dataclasses", "inspect", "typing"} & imported, \
-        sorted(imported)
+    assert not {"iomux.loadgen", "encodings.idna", "dataclasses", "inspect", "typing",
+                "shutil"} & imported, sorted(imported)
     shown = run_cli("bench", "--help")
     assert shown.returncode == 0 and "--conns" in shown.stdout and "--size" in shown.stdout
+
+
+def test_serve_starts_a_thread_only_to_watch_stdin(tmp_path: Path) -> None:
+    """threading is imported by --stop-on-stdin's watcher alone (4 M instructions
+    of a start): a server stopped by SIGTERM never imports it."""
+    ready = tmp_path / "ready.json"
+    proc = subprocess.Popen(
+        [sys.executable, "-X", "importtime", "-m", "iomux", "serve", "--port", "0",
+         "--ready-file", str(ready)],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        text=True, cwd=str(ROOT))
+    try:
+        deadline = time.monotonic() + 30
+        while not ready.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, "the server never got ready"
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, err
+    imported = {line.rsplit("|", 1)[1].strip() for line in err.splitlines()
+                if line.startswith("import time:") and "|" in line}
+    assert "iomux.server" in imported and "threading" not in imported, sorted(imported)
+
+
+@pytest.mark.parametrize("columns", [None, "50", "0", "wide"])
+def test_help_width_is_shutils(columns: str | None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The formatter's width follows shutil.get_terminal_size's rule, without shutil."""
+    import shutil
+
+    if columns is None:
+        monkeypatch.delenv("COLUMNS", raising=False)
+    else:
+        monkeypatch.setenv("COLUMNS", columns)
+    assert cli._terminal_columns() == shutil.get_terminal_size().columns
+
+
+def test_help_wraps_at_columns() -> None:
+    shown = subprocess.run([sys.executable, "-m", "iomux", "serve", "--help"], cwd=ROOT,
+                           capture_output=True, text=True, timeout=30, check=False,
+                           env={**os.environ, "COLUMNS": "50"})
+    assert shown.returncode == 0, shown.stderr
+    lines = shown.stdout.splitlines()
+    assert len(lines) > 10 and max(map(len, lines)) <= 50, lines
 
 
 def _subcommands(parser: argparse.ArgumentParser) -> List[str]:
