@@ -183,6 +183,36 @@ def test_stop_leaves_dockerd_up_while_a_kept_docker_target_needs_it(
     assert not (machine["links"] / BRIDGE).exists()  # and goes when it is stopped
 
 
+def test_stop_stops_its_daemons_when_nobody_reads_its_output(machine: dict[str, Path]) -> None:
+    """The log reader can go first: a CI step's or a terminal's pipe closed by the
+    same SIGTERM or hang-up that ended the run. Its first line must not kill the
+    stop with SIGPIPE and leave dockerd up: seen when a .ci/run whose output went
+    through a pipe was ended with SIGTERM to its process group."""
+    machine["uid"].write_text("0\n")
+    assert run(machine, "start", "docker").returncode == 0
+    pid = int(machine["up"].read_text())
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # nobody reads: a write gets EPIPE, or SIGPIPE by default
+    try:
+        env = {"PATH": str(machine["bin"]), "HOME": str(machine["tmp"]),
+               "IOMUX_SETUP_STATE": str(machine["tmp"] / "state"),
+               "IOMUX_SETUP_LEFT_UP": str(machine["tmp"] / "left-up"),
+               "IOMUX_SETUP_LOG_DIR": str(machine["tmp"]), "IOMUX_DOCKER_BRIDGE": BRIDGE}
+        # SIGPIPE as a shell started by make has it: default (Python ignores it).
+        stop = subprocess.run(["bash", str(SCRIPT), "stop"], stdout=write_end,
+                              stderr=write_end, env=env, timeout=120, check=False,
+                              preexec_fn=lambda: signal.signal(signal.SIGPIPE, signal.SIG_DFL))
+    finally:
+        os.close(write_end)
+    assert stop.returncode == 0, stop.returncode
+    assert not (machine["tmp"] / "state").exists()
+    assert not (machine["links"] / BRIDGE).exists()
+    with pytest.raises(ProcessLookupError):
+        for _ in range(50):
+            os.kill(pid, 0)
+            subprocess.run(["sleep", "0.1"], check=False)
+
+
 def test_stop_leaves_a_daemon_it_did_not_start(machine: dict[str, Path]) -> None:
     # A pid in the state file that now belongs to another program is left alone.
     sleeper = subprocess.Popen(["sleep", "30"])
