@@ -23,12 +23,13 @@ for _path in (_HERE, _HERE.parent / "server"):
         sys.path.insert(0, str(_path))
 
 from kernel_expectations import mark_expected_failures  # noqa: E402
-from serverproc import ServerFactory, server_factory  # noqa: E402  (needs the sys.path lines above)
+from serverproc import ServerFactory, server_factory, unwind_on_termination  # noqa: E402  (needs the sys.path lines above)
 
 
 def pytest_configure(config: pytest.Config) -> None:
     # In a target there is no pyproject.toml to declare the marker.
     config.addinivalue_line("markers", "suite(name): the report suite a test counts under")
+    unwind_on_termination()  # a run ended by SIGTERM or SIGHUP still stops its servers
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

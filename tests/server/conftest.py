@@ -15,7 +15,12 @@ if str(Path(__file__).resolve().parent) not in sys.path:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from kernel_expectations import mark_expected_failures
-from serverproc import ServerFactory, server_factory
+from serverproc import ServerFactory, server_factory, unwind_on_termination
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """A run ended by SIGTERM or SIGHUP still stops its servers."""
+    unwind_on_termination()
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -51,6 +51,24 @@ ERROR_RE = re.compile(r"^iomux: error: \S.*$")
 READY_FILE_KEYS = {"host", "port", "backend", "pid", "workers", "version"}
 
 
+def _raise_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def unwind_on_termination() -> None:
+    """Make SIGTERM and SIGHUP raise KeyboardInterrupt, as Ctrl-C does, so pytest
+    unwinds through the fixtures' finalizers: the servers run in sessions of their
+    own, which a signal to the run's process group does not reach, and a test
+    process killed outright left them serving (seen when a .ci/run was ended with
+    SIGTERM). Only a default disposition is replaced: an ignored SIGHUP (nohup)
+    stays ignored, and a handler someone set (the harness plugin's) stays theirs."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        if signal.getsignal(signum) is signal.SIG_DFL:
+            signal.signal(signum, _raise_interrupt)
+
+
 def scaled(n: int, minimum: int = 1) -> int:
     """Return ``n`` scaled by IOMUX_TEST_SCALE, never below ``minimum``."""
     return max(minimum, int(n * SCALE))

@@ -1,0 +1,70 @@
+"""A behaviour-suite run ended by SIGTERM or SIGHUP stops the servers it started.
+
+The servers run in sessions of their own (so that a test can kill one and every
+worker it forked), which a signal to the run's process group does not reach:
+until tests/server/serverproc.unwind_on_termination, pytest died at once and its
+servers went on serving. Here a real run of one test of tests/server is signalled
+while its server is up, and afterwards no process of that run is left.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _processes_naming(text: str) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if text in cmdline and int(entry.name) != os.getpid():
+            found.append(int(entry.name))
+    return found
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+def test_a_signalled_run_leaves_no_server(tmp_path: Path, signum: int) -> None:
+    base = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist",
+         f"--basetemp={base}", "tests/server/test_echo_server.py",
+         "-k", "TestPoll and test_idle_timeout_reaps_an_idle_connection"],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True,
+        # As a shell's foreground job has them: default dispositions.
+        preexec_fn=lambda: [signal.signal(s, signal.SIG_DFL) for s in (signal.SIGTERM, signal.SIGHUP)])
+    try:
+        deadline = time.monotonic() + 60
+        while not list(base.glob("**/ready-poll-*.json")):
+            assert proc.poll() is None, proc.communicate()[0]
+            assert time.monotonic() < deadline, "the test's server never got ready"
+            time.sleep(0.05)
+        servers = [p for p in _processes_naming(str(base)) if p != proc.pid]
+        assert servers, "no server process found while its ready file exists"
+        os.killpg(proc.pid, signum)  # as a terminal's hang-up or a CI's stop reaches it
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    deadline = time.monotonic() + 10
+    while _processes_naming(str(base)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    left = _processes_naming(str(base))
+    for pid in left:  # do not leave them to the next test either
+        os.kill(pid, signal.SIGKILL)
+    assert not left, f"servers left serving after the run got signal {signum}:\n{out[-2000:]}"
+    assert proc.returncode != 0, out[-2000:]  # the run was interrupted, not passed
