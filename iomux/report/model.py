@@ -81,8 +81,16 @@ def reuse_line(target: Dict[str, Any]) -> Optional[str]:
                 and math.isfinite(saved):
             # Attaching can cost more than a cached image's build and a container's
             # start (a loaded machine, a warm cache): say so rather than drop it.
-            line += (f", saved {saved:.1f} s of build and start" if saved >= 0.05 else
-                     f", saved nothing: {-saved:.1f} s more than its first build and start")
+            # saved_s is never below zero (harness/warm_targets.py): the surplus is
+            # the attach less the first build and start, both recorded beside it.
+            first = _num(reuse.get("first_bring_up_s"))
+            more = attach - first if attach is not None and first is not None else 0.0
+            if saved >= 0.05:
+                line += f", saved {saved:.1f} s of build and start"
+            elif more >= 0.05:
+                line += f", saved nothing: {more:.1f} s more than its first build and start"
+            else:
+                line += ", saved nothing"
         return line
     why = reuse.get("why") or "unknown"
     if not reuse.get("from_run"):

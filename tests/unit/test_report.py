@@ -502,14 +502,18 @@ def test_suite_timings_say_whether_a_suite_waits_or_computes(tmp_path: Path,
 def test_a_reuse_that_saved_nothing_is_said_not_dropped() -> None:
     from iomux.report import model
 
-    def target(saved: float) -> dict[str, object]:
+    def target(first: float | None, saved: float) -> dict[str, object]:
+        # As harness/warm_targets.py records it: saved_s = max(0, first - attach).
         return {"name": "debian-12", "reused": True,
-                "reuse": {"reused": True, "from_run": "r1", "attach_s": 1.2, "saved_s": saved}}
-    assert model.reuse_line(target(40.0)) == (
+                "reuse": {"reused": True, "from_run": "r1", "attach_s": 1.2,
+                          "first_bring_up_s": first, "saved_s": saved}}
+    assert model.reuse_line(target(41.2, 40.0)) == (
         "debian-12: reused the target kept by run r1, attached in 1.2 s, "
         "saved 40.0 s of build and start")
     # A cached image builds in 0.2 s and a container starts in 0.4 s: attaching
-    # for 1.2 s saved nothing, and the line says so.
-    assert model.reuse_line(target(-0.6)) == (
+    # for 1.2 s saved nothing, and the line says by how much.
+    assert model.reuse_line(target(0.6, 0.0)) == (
         "debian-12: reused the target kept by run r1, attached in 1.2 s, "
         "saved nothing: 0.6 s more than its first build and start")
+    assert model.reuse_line(target(None, 0.0)) == (
+        "debian-12: reused the target kept by run r1, attached in 1.2 s, saved nothing")
