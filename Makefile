@@ -63,7 +63,8 @@ check: lint typecheck actionlint shellcheck importlint
 # Runs the command $(1) with the engines of the kinds $(2) made sure of first
 # (scripts/setup-engines.sh: installs and starts what is missing, where it may), and
 # stops afterwards what it started itself, recorded in a state file of this run: on
-# success, on failure and on Ctrl-C alike (the EXIT trap; INT and TERM exit through it).
+# success, on failure, on Ctrl-C, SIGTERM and hang-ups alike (the EXIT trap; INT and TERM
+# exit through it, and bash runs it on SIGHUP itself: test_make_runs_stop_on_ctrl_c).
 # $(2) empty: the kinds of the targets TARGETS selects.
 define with_engines
 	@state=$$(mktemp "$${TMPDIR:-/tmp}/iomux-setup.XXXXXX"); \

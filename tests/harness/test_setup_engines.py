@@ -270,9 +270,11 @@ def test_make_test_all_os_as_a_user_who_may_not_install(machine: dict[str, Path]
     assert out.rstrip().splitlines()[-1].endswith("report.html")
 
 
-def test_make_runs_stop_on_ctrl_c(machine: dict[str, Path], tmp_path: Path) -> None:
-    # Ctrl-C while the tests run: SIGINT to the whole process group, as a terminal sends it.
-    import signal
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP],
+                         ids=["ctrl-c", "sigterm", "hang-up"])
+def test_make_runs_stop_on_ctrl_c(machine: dict[str, Path], tmp_path: Path, signum: int) -> None:
+    # Ctrl-C while the tests run: SIGINT to the whole process group, as a terminal sends
+    # it; SIGTERM as a CI runner's stop sends it; SIGHUP as a closed terminal sends it.
     import time
 
     machine["uid"].write_text("0\n")
@@ -295,7 +297,7 @@ def test_make_runs_stop_on_ctrl_c(machine: dict[str, Path], tmp_path: Path) -> N
         while not (tmp_path / "testing").exists() and time.monotonic() < deadline:
             time.sleep(0.1)
         assert (tmp_path / "testing").exists()
-        os.killpg(proc.pid, signal.SIGINT)
+        os.killpg(proc.pid, signum)
         out, _ = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
