@@ -84,15 +84,19 @@ def machine(tmp_path: Path) -> Iterator[dict[str, Path]]:
         os.kill(int(up.read_text()), signal.SIGKILL)
 
 
-def run(machine: dict[str, Path], *args: str, **env: str) -> subprocess.CompletedProcess[str]:
-    full = {"PATH": str(machine["bin"]), "HOME": str(machine["tmp"]),
+def script_env(machine: dict[str, Path], **env: str) -> dict[str, str]:
+    """The script's environment on the simulated machine."""
+    return {"PATH": str(machine["bin"]), "HOME": str(machine["tmp"]),
             "IOMUX_SETUP_STATE": str(machine["tmp"] / "state"),
             "IOMUX_SETUP_LEFT_UP": str(machine["tmp"] / "left-up"),
             "IOMUX_SETUP_LOG_DIR": str(machine["tmp"]), "IOMUX_SETUP_WAIT": "10",
             "IOMUX_QEMU_CONF": str(machine["tmp"] / "qemu.conf"),
             "IOMUX_DOCKER_BRIDGE": BRIDGE, **env}
+
+
+def run(machine: dict[str, Path], *args: str, **env: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(["bash", str(SCRIPT), *args], capture_output=True, text=True,
-                          timeout=120, env=full, check=False)
+                          timeout=120, env=script_env(machine, **env), check=False)
 
 
 def calls(machine: dict[str, Path]) -> str:
@@ -194,13 +198,9 @@ def test_stop_stops_its_daemons_when_nobody_reads_its_output(machine: dict[str, 
     read_end, write_end = os.pipe()
     os.close(read_end)  # nobody reads: a write gets EPIPE, or SIGPIPE by default
     try:
-        env = {"PATH": str(machine["bin"]), "HOME": str(machine["tmp"]),
-               "IOMUX_SETUP_STATE": str(machine["tmp"] / "state"),
-               "IOMUX_SETUP_LEFT_UP": str(machine["tmp"] / "left-up"),
-               "IOMUX_SETUP_LOG_DIR": str(machine["tmp"]), "IOMUX_DOCKER_BRIDGE": BRIDGE}
         # SIGPIPE as a shell started by make has it: default (Python ignores it).
         stop = subprocess.run(["bash", str(SCRIPT), "stop"], stdout=write_end,
-                              stderr=write_end, env=env, timeout=120, check=False,
+                              stderr=write_end, env=script_env(machine), timeout=120, check=False,
                               preexec_fn=lambda: signal.signal(signal.SIGPIPE, signal.SIG_DFL))
     finally:
         os.close(write_end)

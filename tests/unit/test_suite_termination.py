@@ -18,21 +18,9 @@ from pathlib import Path
 
 import pytest
 
+from harness.drivers.kernels import marked_pids
+
 REPO = Path(__file__).resolve().parents[2]
-
-
-def _processes_naming(text: str) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if text in cmdline and int(entry.name) != os.getpid():
-            found.append(int(entry.name))
-    return found
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
@@ -52,7 +40,7 @@ def test_a_signalled_run_leaves_no_server(tmp_path: Path, signum: int) -> None:
             assert proc.poll() is None, proc.communicate()[0]
             assert time.monotonic() < deadline, "the test's server never got ready"
             time.sleep(0.05)
-        servers = [p for p in _processes_naming(str(base)) if p != proc.pid]
+        servers = [p for p in marked_pids(str(base)) if p != proc.pid]
         assert servers, "no server process found while its ready file exists"
         os.killpg(proc.pid, signum)  # as a terminal's hang-up or a CI's stop reaches it
         out, _ = proc.communicate(timeout=60)
@@ -61,9 +49,9 @@ def test_a_signalled_run_leaves_no_server(tmp_path: Path, signum: int) -> None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
     deadline = time.monotonic() + 10
-    while _processes_naming(str(base)) and time.monotonic() < deadline:
+    while marked_pids(str(base)) and time.monotonic() < deadline:
         time.sleep(0.1)
-    left = _processes_naming(str(base))
+    left = marked_pids(str(base))
     for pid in left:  # do not leave them to the next test either
         os.kill(pid, signal.SIGKILL)
     assert not left, f"servers left serving after the run got signal {signum}:\n{out[-2000:]}"
