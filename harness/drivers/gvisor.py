@@ -24,12 +24,19 @@ and commands run in it through ``runsc exec``; ``runsc kill`` + ``delete
   coreutils ``timeout -k 5 T`` inside, as the docker kind does.
 - Syscall-heavy work is about 10x slower than the host with ptrace, 6x with
   systrap; pure Python about 1x.
+- runsc puts a sandbox in a cgroup named after its container id in every
+  cgroup hierarchy (the bundle names no ``cgroupsPath``, so the id is the path).
+  ``runsc delete`` removes them; a sandbox that is only killed (a sweep of a
+  dead run) leaves them: 26 empty ones per hierarchy were found here, left by
+  the sweep's own test. ``_remove_leftovers`` removes them (``sandbox_cgroups``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
+import os
 import subprocess
 import time
 from pathlib import Path
@@ -54,6 +61,24 @@ TIMEOUT_CODES = (124, 137)
 INIT_SCRIPT = ('for spec in "$@"; do b=${spec%%:*}; p=${spec#*:}; '
                'iomux serve --backend "$b" --port "$p" --host 127.0.0.1 --quiet '
                '--ready-file "/tmp/iomux-ready-$b.json" & done; wait')
+
+
+def sandbox_cgroups(name: str, mountinfo: Path = Path("/proc/self/mountinfo")) -> list[Path]:
+    """The cgroup directories runsc made for the sandbox ``name``: ``<mount>/<name>``
+    in every mounted cgroup (v1) or cgroup2 hierarchy where it exists."""
+    found = []
+    try:
+        lines = mountinfo.read_text().splitlines()
+    except OSError:
+        return []
+    for line in lines:
+        fields, _, after = line.partition(" - ")
+        words = fields.split()
+        if len(words) > 4 and after.split(" ", 1)[0] in ("cgroup", "cgroup2"):
+            path = Path(words[4]) / name
+            if path.is_dir():
+                found.append(path)
+    return found
 
 
 def bundle_config(rootfs: Path, env: Sequence[str], argv: Sequence[str],
@@ -168,6 +193,28 @@ class GVisorDriver(kernels.KernelDriver):
             raise kernels.exec_timed_out(instance, argv, timeout)
         result.argv = list(argv)
         return result
+
+    def _remove_leftovers(self, name: str, settle: float = 5.0) -> list[str]:
+        """The sandbox's cgroups (``sandbox_cgroups``), once empty: one that still
+        holds a process after ``settle`` seconds is not ours to take, and stays."""
+        removed = []
+        deadline = time.monotonic() + settle
+        for path in sandbox_cgroups(name):
+            while True:
+                try:
+                    os.rmdir(path)
+                except FileNotFoundError:
+                    break
+                except OSError as exc:
+                    # EBUSY for a moment after the kill: a killed task leaves
+                    # its cgroup only once it has exited. Later, it is not ours.
+                    if exc.errno != errno.EBUSY or time.monotonic() > deadline:
+                        break
+                    time.sleep(0.05)
+                else:
+                    removed.append(str(path))
+                    break
+        return removed
 
     def _stop(self, instance: Instance, timeout: float) -> None:
         """``runsc kill`` + ``delete --force`` (destroy then kills any runsc process

@@ -193,6 +193,11 @@ class KernelDriver(Driver):
     def _start_servers(self, instance: Instance) -> None:
         """Start one ``iomux serve`` per backend (nothing: the guest's init does)."""
 
+    def _remove_leftovers(self, name: str) -> list[str]:
+        """Remove what a guest named ``name`` leaves on the host outside its directory
+        once its processes are gone (nothing); return what was removed."""
+        return []
+
     def _prepare_rootfs(self, rootfs: Path) -> None:
         """Add what the kind needs to the shared tree before it boots from it (nothing)."""
 
@@ -214,8 +219,10 @@ class KernelDriver(Driver):
         removed = []
         for path in doomed_dirs(self.kind, run_id):
             killed = kill_marked(self._marker(path))
+            left = self._remove_leftovers(path.name)
             shutil.rmtree(path, ignore_errors=True)
-            removed.append(f"{self.noun} {path.name} ({len(killed)} processes)")
+            also = f", {len(left)} more on the host, such as {left[0]}" if left else ""
+            removed.append(f"{self.noun} {path.name} ({len(killed)} processes{also})")
         return removed
 
     def build(self, target: Target, timeout: float) -> dict[str, Any]:
@@ -300,4 +307,5 @@ class KernelDriver(Driver):
         home = Path(instance.data["home"])
         self._stop(instance, timeout)
         kill_marked(self._marker(home))
+        self._remove_leftovers(instance.resource_name)
         shutil.rmtree(home, ignore_errors=True)

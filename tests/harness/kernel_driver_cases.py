@@ -42,6 +42,11 @@ class KernelDriverCases:
     def check_build(self, target: Target, built: dict[str, Any]) -> None:
         """The kind's own build facts (a subclass adds its checks)."""
 
+    def host_leftovers(self, instance: Instance) -> list[str]:
+        """What of ``instance``'s guest is on the host outside its directory and its
+        processes (gVisor: the sandbox's cgroups); none by default."""
+        return []
+
     # -- fixtures ----------------------------------------------------------------------
 
     # Class-scoped, as the module-scoped ones were before the mix-in: one build and
@@ -134,6 +139,7 @@ class KernelDriverCases:
         assert self.guest_pids(inst), self.no_process
         self.driver.destroy(inst, timeout=60)
         assert self.guest_pids(inst) == []
+        assert self.host_leftovers(inst) == []
         assert not Path(inst.data["home"]).exists()
         self.driver.destroy(inst, timeout=60)
 
@@ -142,9 +148,12 @@ class KernelDriverCases:
         run_id = f"test-{uuid.uuid4().hex[:8]}"
         inst = self.driver.start(bootable, run_id, "t3", timeout=120)
         try:
+            made = self.host_leftovers(inst)
             removed = self.driver.sweep(run_id)
             assert len(removed) == 1 and inst.resource_name in removed[0]
             assert self.guest_pids(inst) == []
+            # A sweep kills; what only the kind's own stop would remove must go too.
+            assert self.host_leftovers(inst) == [], f"{removed[0]}; it made {made}"
         finally:
             self.driver.destroy(inst, timeout=60)
 

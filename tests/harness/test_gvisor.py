@@ -17,7 +17,7 @@ from kernel_driver_cases import KernelDriverCases
 
 from harness.drivers import kernels
 from harness.drivers.base import Instance, Target, TargetError
-from harness.drivers.gvisor import GVisorDriver
+from harness.drivers.gvisor import GVisorDriver, sandbox_cgroups
 
 pytestmark = pytest.mark.slow
 
@@ -30,6 +30,13 @@ class TestGVisorDriver(KernelDriverCases):
 
     def guest_pids(self, instance: Instance) -> list[int]:
         return kernels.marked_pids(f"--root={instance.data['state_dir']}")
+
+    def host_leftovers(self, instance: Instance) -> list[str]:
+        return [str(p) for p in sandbox_cgroups(instance.resource_name)]
+
+    def test_a_running_sandbox_has_cgroups_named_after_it(self, instance: Instance) -> None:
+        # What the sweep and destroy cases check is gone: it is there while it runs.
+        assert sandbox_cgroups(instance.resource_name), "runsc made no cgroup for the sandbox"
 
     def check_build(self, target: Target, built: dict[str, Any]) -> None:
         # runsc reports its own version: the upstream date of the Debian version.
@@ -54,3 +61,22 @@ class TestGVisorDriver(KernelDriverCases):
             self.driver.start(broken, run_id, "t2", timeout=60)
         assert kernels.marked_pids(f"--root={home / 'state'}") == []
         assert not home.exists()
+
+
+def test_sandbox_cgroups_are_looked_for_in_every_cgroup_hierarchy(tmp_path: Path) -> None:
+    # A v1 controller, the v1 named hierarchy, cgroup2, and a tmpfs that is not a cgroup.
+    for mount in ("cpu", "systemd", "unified", "tmp"):
+        (tmp_path / mount / "iomux-r-w-gvisor-2024").mkdir(parents=True)
+    (tmp_path / "pids").mkdir()
+    mountinfo = tmp_path / "mountinfo"
+    mountinfo.write_text(
+        f"31 23 0:28 / {tmp_path} rw,relatime - tmpfs tmpfs rw,mode=755\n"
+        f"32 31 0:29 / {tmp_path}/cpu rw,relatime - cgroup cgroup rw,cpu\n"
+        f"33 31 0:30 / {tmp_path}/pids rw,relatime shared:9 - cgroup cgroup rw,pids\n"
+        f"40 31 0:37 / {tmp_path}/systemd rw,relatime - cgroup cgroup rw,name=systemd\n"
+        f"41 31 0:38 / {tmp_path}/unified rw,relatime - cgroup2 cgroup2 rw\n"
+        f"50 23 0:40 / {tmp_path}/tmp rw - tmpfs tmpfs rw\n")
+    found = sandbox_cgroups("iomux-r-w-gvisor-2024", mountinfo)
+    assert sorted(p.parent.name for p in found) == ["cpu", "systemd", "unified"]
+    assert sandbox_cgroups("iomux-other", mountinfo) == []
+    assert sandbox_cgroups("x", tmp_path / "absent") == []
