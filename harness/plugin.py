@@ -42,10 +42,10 @@ from typing import IO, Any, Generator, Iterator
 
 import pytest
 
-from harness import results, runs
+from harness import results, runs, scheduling
 from harness import targets as targets_mod
 from harness.drivers import DriverUnavailable, get_driver
-from harness.drivers.base import StepTimeout, Target, TargetError, one_line
+from harness.drivers.base import Driver, StepTimeout, Target, TargetError, one_line
 from harness.lifecycle import DESTROY_POLICIES, TargetLifecycle, destroy_policy
 from harness.progress import EventLog, ProgressView
 from harness.running_target import RunningTarget
@@ -98,7 +98,8 @@ class Harness:
             self.declared = declared
             names = targets_mod.parse_selection(config.getoption("targets"))
             self.selected = targets_mod.select_targets(declared, names)
-        except targets_mod.TargetsError as exc:
+            self.cpu_policy = scheduling.cpu_priority_policy()
+        except (targets_mod.TargetsError, ValueError) as exc:
             raise pytest.UsageError(str(exc)) from None
         self.by_name = {t.name: t for t in self.selected}
         self.failed_targets: set[str] = set()
@@ -165,8 +166,24 @@ class Harness:
                                     self.events, destroy=self.destroy,
                                     timeout_override=self.timeout)
         self.lifecycles[target.name] = lifecycle
+        self._set_cpu_priority(target, driver)
         instance = lifecycle.bring_up()
         return RunningTarget(lifecycle, instance, report_dir, self.events)
+
+    def _set_cpu_priority(self, target: Target, driver: Driver) -> None:
+        """Off the critical path, yield the CPU to it (harness.scheduling): nice this
+        worker, whose children inherit it, and give the driver the cgroup weight."""
+        runnable = {t.name: targets_mod.weight(t) for t in self.selected
+                    if t.name not in self.not_run}
+        at_once = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1)
+        policy = self.cpu_policy
+        background = scheduling.in_background(target.name, runnable, at_once, policy)
+        nice = scheduling.set_nice(scheduling.BACKGROUND_NICE) if background \
+            else os.getpriority(os.PRIO_PROCESS, 0)
+        driver.cpu_shares = scheduling.BACKGROUND_SHARES if background else None
+        self.events.emit(target.name, "record", key="cpu_priority",
+                         value={"policy": policy, "background": background, "nice": nice,
+                                "cpu_shares": driver.cpu_shares})
 
     def tear_down(self, name: str) -> None:
         """logs-on-failure and destroy for ``name`` in this worker."""

@@ -8,11 +8,17 @@ each bringing the target up again. ``target_scheduling`` makes the scheduler the
 plugin's ``pytest_xdist_make_scheduler`` returns instead: it finds the target in
 the test id, and hands the heaviest waiting target (targets.toml ``weight``) to
 the next free worker.
+
+The heaviest target is the run's critical path, so the others yield the CPU to it
+while they run beside it (``in_background``): their worker is niced, and a guest
+with a cgroup of its own gets the same lower weight (``Driver.cpu_shares``).
 """
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+import contextlib
+import os
+from typing import Any, Mapping, Sequence
 
 
 def target_of_nodeid(nodeid: str, names: Sequence[str]) -> str | None:
@@ -54,3 +60,58 @@ def target_scheduling(config: Any, log: Any, names: Sequence[str],
             super()._assign_work_unit(node)
 
     return TargetScheduling(config, log)
+
+
+# -- CPU priority: the critical path first ---------------------------------------------
+#
+# Facts of Linux's scheduler (CFS) this relies on:
+# - A process's CPU weight follows its nice value: 1024 at nice 0, 110 at nice 10
+#   (kernel/sched/core.c, sched_prio_to_weight), and a nice value is inherited by
+#   every process (and thread) it starts.
+# - A cgroup competes as one entity with the processes and cgroups beside it, at its
+#   cpu.shares (v1, default 1024; on v2 runsc and runc turn shares into cpu.weight).
+#   So a niced harness process does not lower what runs in a cgroup of its own:
+#   here each gVisor sandbox is one at the root of every hierarchy, QEMU runs in
+#   libvirt's /machine, and docker's containers all share /docker's 1024.
+# Measured on the project's 2-core host: the emulated VM (the heaviest target, so the
+# run's end) took 100-169 s to start alone or in a quiet matrix, and 313-346 s beside
+# the two CPU-bound gVisor sandboxes in the matrix, whose own end was 400-700 s earlier.
+
+#: The nice value of a worker testing a target off the critical path.
+BACKGROUND_NICE = 10
+#: The cgroup weight of such a target's guest, where the guest has a cgroup of its
+#: own: the weight of nice 10 on cpu.shares' scale (nice 0 is 1024).
+BACKGROUND_SHARES = 110
+#: ``IOMUX_CPU_PRIORITY``: ``critical-path`` (the default) or ``equal`` (every target
+#: at the priority the run was started with).
+PRIORITY_POLICIES = ("critical-path", "equal")
+
+
+def cpu_priority_policy() -> str:
+    """``IOMUX_CPU_PRIORITY``, checked (a wrong value is one line)."""
+    value = os.environ.get("IOMUX_CPU_PRIORITY", "").strip() or PRIORITY_POLICIES[0]
+    if value not in PRIORITY_POLICIES:
+        raise ValueError(f"IOMUX_CPU_PRIORITY={value!r}: use one of "
+                         f"{', '.join(PRIORITY_POLICIES)}")
+    return value
+
+
+def in_background(name: str, weights: Mapping[str, float], at_once: int,
+                  policy: str = "critical-path") -> bool:
+    """Whether target ``name`` yields the CPU to the critical path: the run tests
+    more than one target at a time (``at_once`` workers), and ``name`` is lighter
+    than the heaviest target that runs (``weights``: those targets' weights).
+    The heaviest is started first (``heaviest_first``) and the run ends with it, so
+    the time the others lose while it runs comes back at the end, where they had
+    slack; they use whatever CPU it leaves."""
+    if policy == "equal" or at_once < 2 or len(weights) < 2:
+        return False
+    return weights.get(name, 1.0) < max(weights.values())
+
+
+def set_nice(value: int) -> int:
+    """Set this process's nice value (its main thread, whose children inherit it);
+    return the value it has after. Lowering it needs privilege: without, it stays."""
+    with contextlib.suppress(PermissionError):
+        os.setpriority(os.PRIO_PROCESS, 0, value)
+    return os.getpriority(os.PRIO_PROCESS, 0)

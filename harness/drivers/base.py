@@ -183,6 +183,12 @@ class Driver(abc.ABC):
     options_allowed: ClassVar[frozenset[str]] = frozenset()
     #: Of those, the tables (``[target.offline]``, say), with the keys each takes.
     option_tables: ClassVar[Mapping[str, frozenset[str]]] = {}
+    #: The CPU weight (cgroup ``cpu.shares``, default 1024) of the guests this driver
+    #: starts next, set by the harness for a target off the critical path
+    #: (harness.scheduling). A kind whose guest runs in a cgroup it makes (gVisor's
+    #: sandbox) applies it there, where the worker's nice value does not reach;
+    #: None: the default.
+    cpu_shares: int | None = None
 
     @classmethod
     def validate(cls, target: Target) -> None:

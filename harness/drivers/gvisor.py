@@ -82,9 +82,10 @@ def sandbox_cgroups(name: str, mountinfo: Path = Path("/proc/self/mountinfo")) -
 
 
 def bundle_config(rootfs: Path, env: Sequence[str], argv: Sequence[str],
-                  hostname: str) -> dict[str, Any]:
+                  hostname: str, cpu_shares: int | None = None) -> dict[str, Any]:
     """The OCI config: read-only root, a tmpfs /tmp, no capabilities,
-    no-new-privileges, the image's user and environment."""
+    no-new-privileges, the image's user and environment; ``cpu_shares``, the
+    sandbox cgroup's CPU weight (harness.scheduling), if not the default."""
     uid, gid = (int(x) for x in kernels.GUEST_USER.split(":"))
     soft, hard = kernels.nofile_limit()
     no_caps: dict[str, list[str]] = {k: [] for k in ("bounding", "effective", "permitted",
@@ -103,7 +104,8 @@ def bundle_config(rootfs: Path, env: Sequence[str], argv: Sequence[str],
              "options": ["nosuid", "nodev", "mode=1777", "size=256m"]},
         ],
         "linux": {"namespaces": [{"type": t} for t in ("pid", "network", "ipc", "uts",
-                                                      "mount")]},
+                                                      "mount")],
+                  **({"resources": {"cpu": {"shares": cpu_shares}}} if cpu_shares else {})},
     }
 
 
@@ -158,7 +160,8 @@ class GVisorDriver(kernels.KernelDriver):
         (home / "bundle").mkdir()
         argv = ["/bin/sh", "-c", INIT_SCRIPT, "iomux-init",
                 *(f"{b}:{BACKEND_PORTS[b]}" for b in instance.data["backends"])]
-        config = bundle_config(rootfs, userland.image_env(rootfs), argv, target.name)
+        config = bundle_config(rootfs, userland.image_env(rootfs), argv, target.name,
+                               self.cpu_shares)
         (home / "bundle" / "config.json").write_text(json.dumps(config, indent=1))
         try:
             # The sandbox keeps the stdio it is given: a file, so that nothing

@@ -38,6 +38,29 @@ class TestGVisorDriver(KernelDriverCases):
         # What the sweep and destroy cases check is gone: it is there while it runs.
         assert sandbox_cgroups(instance.resource_name), "runsc made no cgroup for the sandbox"
 
+    def test_a_background_sandbox_gets_its_lower_cpu_weight(self, bootable: Target,
+                                                            built: dict[str, Any]) -> None:
+        # harness.scheduling: off the critical path, the sandbox's own cgroup gets the
+        # lower weight, since the worker's nice value does not reach into it.
+        driver = self.driver
+        driver.cpu_shares = 110
+        try:
+            inst = driver.start(bootable, f"test-{uuid.uuid4().hex[:8]}", "t4", timeout=120)
+        finally:
+            driver.cpu_shares = None
+        try:
+            cgroups = sandbox_cgroups(inst.resource_name)
+            shares = [(p / "cpu.shares").read_text().strip() for p in cgroups
+                      if (p / "cpu.shares").exists()]
+            weights = [int((p / "cpu.weight").read_text()) for p in cgroups
+                       if (p / "cpu.weight").exists()]
+            # cgroup v1: cpu.shares as given; v2: cpu.weight, converted from it, is
+            # below the default 100.
+            assert shares == ["110"] or (weights and max(weights) < 100), (cgroups, shares,
+                                                                           weights)
+        finally:
+            driver.destroy(inst, timeout=60)
+
     def check_build(self, target: Target, built: dict[str, Any]) -> None:
         # runsc reports its own version: the upstream date of the Debian version.
         facts = built["kernel_build"]

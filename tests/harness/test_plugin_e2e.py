@@ -128,3 +128,37 @@ def test_unknown_target_is_a_one_line_usage_error(tmp_path: Path) -> None:
     assert proc.returncode == pytest.ExitCode.USAGE_ERROR
     assert "Traceback" not in proc.stderr
     assert "unknown target(s) nope; known targets: local, debian-12" in proc.stderr
+
+
+def test_a_target_off_the_critical_path_is_tested_in_the_background(tmp_path: Path) -> None:
+    # Two local targets side by side: the heavier is the run's critical path and keeps
+    # the run's priority; the lighter one's worker is niced (harness.scheduling).
+    targets = tmp_path / "targets.toml"
+    targets.write_text("".join(
+        f'[[target]]\nname = "{name}"\nkind = "local"\nos_family = "host"\n'
+        f'backends = ["select"]\nweight = {weight}\n' for name, weight in
+        (("light", 1), ("heavy", 3))))
+    proc, reports = run_harness(tmp_path, "--targets-file", str(targets), "-n", "2",
+                                "--dist", "loadgroup", "-k", "round_trip")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    by_name = {t["name"]: t for t in load_results(reports)["targets"]}
+    started_at = os.getpriority(os.PRIO_PROCESS, 0)
+    assert by_name["heavy"]["cpu_priority"] == {
+        "policy": "critical-path", "background": False, "nice": started_at,
+        "cpu_shares": None}
+    assert by_name["light"]["cpu_priority"] == {
+        "policy": "critical-path", "background": True, "nice": max(started_at, 10),
+        "cpu_shares": 110}
+    # IOMUX_CPU_PRIORITY=equal: both at the run's own priority; a wrong value is one line.
+    proc, reports = run_harness(tmp_path, "--targets-file", str(targets), "-n", "2",
+                                "--dist", "loadgroup", "-k", "round_trip",
+                                env={"IOMUX_CPU_PRIORITY": "equal"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    priorities = [t["cpu_priority"] for t in load_results(reports)["targets"]]
+    assert [(p["policy"], p["background"], p["nice"]) for p in priorities] == [
+        ("equal", False, started_at)] * 2
+    proc, _ = run_harness(tmp_path, "--targets-file", str(targets), "-k", "round_trip",
+                          env={"IOMUX_CPU_PRIORITY": "fast"})
+    assert proc.returncode == pytest.ExitCode.USAGE_ERROR
+    assert "Traceback" not in proc.stderr
+    assert "IOMUX_CPU_PRIORITY='fast': use one of critical-path, equal" in proc.stderr

@@ -354,3 +354,44 @@ def test_a_hung_engine_check_is_a_reason_in_make_targets_and_in_the_run(
             line = lines[name]
             assert line is not None and "\n" not in line
             assert line.startswith(f"{kind} engine check failed: StepTimeout"), line
+
+
+def test_only_a_target_lighter_than_the_heaviest_yields_the_cpu() -> None:
+    from harness.scheduling import in_background
+    weights = {"local": 1.0, "gvisor-2024": 1.5, "debian-vm": 2.6}
+    assert [n for n in weights if in_background(n, weights, at_once=3)] == [
+        "local", "gvisor-2024"]
+    # Ties for the heaviest: both are the critical path.
+    assert not in_background("a", {"a": 2.0, "b": 2.0, "c": 1.0}, at_once=2)
+    assert in_background("c", {"a": 2.0, "b": 2.0, "c": 1.0}, at_once=2)
+    # One target at a time, a single target, or the "equal" policy: nothing yields.
+    assert not in_background("local", weights, at_once=1)
+    assert not in_background("local", {"local": 1.0}, at_once=3)
+    assert not in_background("local", weights, at_once=3, policy="equal")
+
+
+def test_the_cpu_priority_policy_comes_from_the_environment(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from harness.scheduling import cpu_priority_policy
+    monkeypatch.delenv("IOMUX_CPU_PRIORITY", raising=False)
+    assert cpu_priority_policy() == "critical-path"
+    monkeypatch.setenv("IOMUX_CPU_PRIORITY", "equal")
+    assert cpu_priority_policy() == "equal"
+    monkeypatch.setenv("IOMUX_CPU_PRIORITY", "high")
+    with pytest.raises(ValueError, match=r"^IOMUX_CPU_PRIORITY='high': use one of "
+                                         r"critical-path, equal$"):
+        cpu_priority_policy()
+
+
+def test_set_nice_is_inherited_and_says_where_it_ended() -> None:
+    # In a child: a nice value cannot be taken back without privilege.
+    code = ("import os, subprocess, sys; from harness.scheduling import set_nice; "
+            "print(set_nice(10)); sys.stdout.flush(); "
+            "subprocess.run(['sh', '-c', 'cut -d\" \" -f19 /proc/self/stat'], check=True); "
+            "print(set_nice(0))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
+                         text=True, check=True).stdout.split()
+    start = os.getpriority(os.PRIO_PROCESS, 0)
+    assert out[:2] == [str(max(start, 10))] * 2  # set, and what a child started with
+    # Back to 0 with privilege (root here); without, it stays where it was.
+    assert out[2] == ("0" if os.geteuid() == 0 else str(max(start, 10)))
