@@ -199,12 +199,10 @@ def _domains_of(run_id: str) -> list[str] | None:
     return [n.strip() for n in proc.stdout.splitlines() if run_id in n]
 
 
-def _other_runs_alive(except_run: str) -> bool:
-    """Whether another harness run holds its live lock (its sweep may then be the one
-    that takes our leftovers, so which sweep removed them cannot be asserted)."""
+def _live_runs() -> set[str]:
+    """The run ids whose harness holds its live lock now."""
+    live = set()
     for lock in LIVE_DIR.glob("*.lock"):
-        if lock.stem == except_run:
-            continue
         try:
             fd = os.open(lock, os.O_RDONLY)
         except OSError:
@@ -212,10 +210,16 @@ def _other_runs_alive(except_run: str) -> bool:
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except OSError:
-            return True
+            live.add(lock.stem)
         finally:
             os.close(fd)
-    return False
+    return live
+
+
+def _other_runs_alive(except_run: str) -> bool:
+    """Whether another harness run holds its live lock (its sweep may then be the one
+    that takes our leftovers, so which sweep removed them cannot be asserted)."""
+    return bool(_live_runs() - {except_run})
 
 
 def _phase_reached(run: Run, run_id: str, target: str, phase: str) -> bool:
@@ -330,14 +334,24 @@ def test_kill_9_leaves_leftovers_that_the_next_run_sweeps(tmp_path: Path,
     scratch = list(Path(tempfile.gettempdir()).glob(f"iomux-{run_id}-*"))
     assert scratch, "kill -9 left no local scratch directory: nothing for the sweep to prove"
 
-    others = _other_runs_alive(run_id)
+    # Another harness run (a concurrent test's) that starts before the next run's
+    # sweep may sweep our leftovers first: every run seen alive until the next run
+    # is done counts, not only those alive now (one that started later took them
+    # once, in a cold .ci/run).
+    seen = _live_runs()
     cheap = ["-n", "1", "--dist", "loadgroup", "-k", "test_python_and_kernel"]
     nxt = Run(tmp_path, "next", *cheap)
     try:
-        rc = nxt.wait(UP_TIMEOUT)
-        cleanup.append(nxt.find_run_id(timeout=1))
+        deadline = time.monotonic() + UP_TIMEOUT
+        while nxt.proc.poll() is None and time.monotonic() < deadline:
+            seen |= _live_runs()
+            time.sleep(0.1)
+        rc = nxt.wait(max(1.0, deadline - time.monotonic()))
+        next_id = nxt.find_run_id(timeout=1)
+        cleanup.append(next_id)
     finally:
         nxt.kill()
+    others = bool(seen - {run_id, next_id})
     assert rc == 0, nxt.output()
     _assert_nothing_left(run_id)
     assert not (LIVE_DIR / f"{run_id}.lock").exists()
