@@ -19,6 +19,7 @@ import pytest
 from harness.drivers.base import TargetError, one_line
 from harness.results import MESSAGE_LIMIT
 from harness.running_target import RunningTarget
+from harness.scheduling import targets_at_once
 
 #: The behaviour suite takes about a minute here; a VM under emulation is slower.
 INNER_TIMEOUT = 1800.0
@@ -80,10 +81,10 @@ def inner_workers_cap() -> int:
     try:
         if raw:
             return max(1, int(raw))
-        at_once = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT") or 1)
+        at_once = targets_at_once()
     except ValueError:
         raise TargetError(f"{INNER_WORKERS_ENV}={raw!r}: not a whole number") from None
-    return max(1, (os.cpu_count() or 1) // max(1, at_once))
+    return max(1, (os.cpu_count() or 1) // at_once)
 
 
 def suite_cpu(stderr: str) -> dict[str, Any] | None:

@@ -175,11 +175,10 @@ class Harness:
         worker, whose children inherit it, and give the driver the cgroup weight."""
         runnable = {t.name: targets_mod.weight(t) for t in self.selected
                     if t.name not in self.not_run}
-        at_once = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1)
         policy = self.cpu_policy
-        background = scheduling.in_background(target.name, runnable, at_once, policy)
-        nice = scheduling.set_nice(scheduling.BACKGROUND_NICE) if background \
-            else os.getpriority(os.PRIO_PROCESS, 0)
+        background = scheduling.in_background(target.name, runnable,
+                                              scheduling.targets_at_once(), policy)
+        nice = scheduling.yield_cpu() if background else os.getpriority(os.PRIO_PROCESS, 0)
         driver.cpu_shares = scheduling.BACKGROUND_SHARES if background else None
         self.events.emit(target.name, "record", key="cpu_priority",
                          value={"policy": policy, "background": background, "nice": nice,

@@ -87,6 +87,12 @@ BACKGROUND_SHARES = 110
 PRIORITY_POLICIES = ("critical-path", "equal")
 
 
+def targets_at_once() -> int:
+    """How many targets the run tests at once: its xdist workers, one target each
+    (xdist tells a worker through PYTEST_XDIST_WORKER_COUNT); 1 without xdist."""
+    return max(1, int(os.environ.get("PYTEST_XDIST_WORKER_COUNT") or 1))
+
+
 def cpu_priority_policy() -> str:
     """``IOMUX_CPU_PRIORITY``, checked (a wrong value is one line)."""
     value = os.environ.get("IOMUX_CPU_PRIORITY", "").strip() or PRIORITY_POLICIES[0]
@@ -115,3 +121,9 @@ def set_nice(value: int) -> int:
     with contextlib.suppress(PermissionError):
         os.setpriority(os.PRIO_PROCESS, 0, value)
     return os.getpriority(os.PRIO_PROCESS, 0)
+
+
+def yield_cpu() -> int:
+    """Nice this process to BACKGROUND_NICE, never below where it already is (a run
+    started under ``nice -n 15`` stays at 15, even as root); return its nice value."""
+    return set_nice(max(BACKGROUND_NICE, os.getpriority(os.PRIO_PROCESS, 0)))
