@@ -19,9 +19,11 @@ Facts this probe relies on:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import select
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -117,6 +119,49 @@ def _tracer(syscall: str) -> Tuple[Optional[List[str]], str]:
     return None, "no strace or truss on this system (macOS dtruss needs root and SIP off)"
 
 
+def _run_traced(argv: List[str], timeout: float) -> Optional[subprocess.CompletedProcess[str]]:
+    """Run a tracer and its child to the end, or kill both and return None.
+
+    A tracer that is killed detaches its tracees, which run on (ptrace(2): the
+    tracer's exit detaches; neither strace nor truss asks for PTRACE_O_EXITKILL).
+    The child is in the tracer's process group, so the tracer runs in a session
+    of its own and a timeout kills the group, then waits: a child that outlived
+    its tracer wrote its status file into the temporary directory while it was
+    being removed (rmtree: "Directory not empty", seen under TCG in the VM).
+    """
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        _kill_group(proc)
+        proc.communicate()
+        _wait_group_gone(proc.pid)
+        return None
+    except BaseException:  # Ctrl-C, say: leave nothing running
+        _kill_group(proc)
+        proc.wait()
+        raise
+    return subprocess.CompletedProcess(argv, proc.returncode, out, err)
+
+
+def _kill_group(proc: subprocess.Popen[str]) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _wait_group_gone(pgid: int, seconds: float = 5.0) -> None:
+    """Wait until no process of the group is left (the killed tracee, now a
+    child of init, is gone once init reaps it)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.02)
+
+
 def _count(mech: str, syscall: str, n: int, timeout: float) -> Dict[str, Any]:
     prefix, tool = _tracer(syscall)
     if prefix is None:
@@ -127,10 +172,8 @@ def _count(mech: str, syscall: str, n: int, timeout: float) -> Dict[str, Any]:
             out = os.path.join(tmp, f"trace-{size}.txt")
             status = os.path.join(tmp, f"status-{size}.txt")
             argv = [*prefix, out, *child_argv(status, CHILD, str(size), mech)]
-            try:
-                proc = subprocess.run(argv, capture_output=True, text=True,
-                                      timeout=max(1.0, timeout), check=False)
-            except subprocess.TimeoutExpired:
+            proc = _run_traced(argv, max(1.0, timeout))
+            if proc is None:
                 return {"syscalls": None, "tool": tool, "why": f"{tool} timed out"}
             try:
                 with open(out) as f:

@@ -16,8 +16,10 @@ a count of 0 because truss exits 0.
 
 from __future__ import annotations
 
+import shutil
 import sys
 import textwrap
+import time
 from pathlib import Path
 from typing import List, Optional, Tuple
 
@@ -110,3 +112,51 @@ def test_a_failing_child_is_not_measurable_in_the_claims(fake_truss: Path, monke
     got = {c["id"]: c for c in claims.evaluate("t1", "freebsd", {"registration": record})}
     assert got["registration-syscalls"]["verdict"] == "not measurable"
     assert "Too many open files" in got["registration-syscalls"]["why"]
+
+
+SLOW_CHILD = """
+import os, sys, time
+with open(os.environ["SLOW_CHILD_PID"], "w") as f:
+    f.write(str(os.getpid()))
+time.sleep(3)
+with open(os.environ["SLOW_CHILD_MARK"], "w") as f:
+    f.write("outlived its tracer")
+"""
+
+
+def _real_strace() -> Tuple[Optional[List[str]], str]:
+    strace = shutil.which("strace")
+    if strace is None or not sys.platform.startswith("linux"):
+        pytest.skip("not run: no strace(1) here (apt-get install strace)")
+    return [strace, "-f", "-c", "-e", "trace=epoll_ctl", "-o"], "strace"
+
+
+@pytest.mark.parametrize("tracer", ["strace", "stand-in truss"])
+def test_a_timed_out_tracer_takes_its_child_with_it(
+        tracer: str, fake_truss: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The tracer and its child are killed together, before the temporary
+    directory goes: a killed tracer detaches its child, which ran on and wrote
+    into the directory while rmtree removed it (the VM's "Directory not empty")."""
+    if tracer == "strace":
+        monkeypatch.setattr(registration, "_tracer", lambda syscall: _real_strace())
+    mark, pid_file = tmp_path / "mark", tmp_path / "pid"
+    monkeypatch.setenv("SLOW_CHILD_MARK", str(mark))
+    monkeypatch.setenv("SLOW_CHILD_PID", str(pid_file))
+    monkeypatch.setattr(registration, "CHILD", SLOW_CHILD)
+    started = time.monotonic()
+    got = registration._count("epoll", "epoll_ctl", 1, 2.0)
+    assert got == {"syscalls": None, "tool": registration._tracer("")[1],
+                   "why": f"{registration._tracer('')[1]} timed out"}
+    child = int(pid_file.read_text())
+    assert not _alive(child), f"the traced child {child} outlived the timeout"
+    time.sleep(max(0.0, started + 4.0 - time.monotonic()))  # past the child's 3 s sleep
+    assert not mark.exists(), mark.read_text()
+
+
+def _alive(pid: int) -> bool:
+    """True while ``pid`` runs (a zombie has ended: its state is Z)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
