@@ -160,3 +160,29 @@ def _alive(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except FileNotFoundError:
         return False
+
+
+@pytest.mark.parametrize("text, version", [
+    ("strace -- version 6.1\nCopyright (c) 1991-2022 The strace developers <https://strace.io>.\n", (6, 1)),
+    ("strace -- version 5.2\n", (5, 2)),
+    ("strace -- version 4.26\n", (4, 26)),
+    ("no version here\n", ()),
+])
+def test_strace_version(text: str, version: Tuple[int, ...]) -> None:
+    assert registration.strace_version(text) == version
+    assert (registration.strace_version(text) >= registration.SECCOMP_BPF_SINCE) == (version >= (5, 3))
+
+
+@pytest.mark.parametrize("seccomp", [True, False])
+def test_the_seccomp_filter_counts_what_plain_tracing_counts(
+        seccomp: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With --seccomp-bpf the child stops only at epoll_ctl; the count must not change."""
+    strace_argv, _ = _real_strace()
+    assert strace_argv is not None
+    if seccomp:
+        assert registration._tracer("epoll_ctl")[0] == [strace_argv[0], "--seccomp-bpf", *strace_argv[1:]]
+    else:
+        monkeypatch.setattr(registration, "_strace_filter", lambda strace: [])
+        assert registration._tracer("epoll_ctl")[0] == strace_argv
+    got = registration._count("epoll", "epoll_ctl", 100, 60.0)
+    assert (got["baseline"], got["syscalls"], got["fds"]) == (0, 100, 100), got
