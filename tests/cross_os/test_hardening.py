@@ -67,7 +67,8 @@ def _proc1_status(rt: RunningTarget, attempts: int = 3) -> dict[str, str]:
             fields[key.strip()] = value.strip()
         if STATUS_LAST_FIELD in fields:
             return fields
-        seen.append(f"{len(res.stdout)} bytes: {res.stdout[:120]!r}")
+        seen.append(f"stdout {len(res.stdout)} bytes {res.stdout[:120]!r}, "
+                    f"stderr {len(res.stderr)} bytes {res.stderr[:120]!r}")
     raise AssertionError(f"no whole /proc/1/status in {attempts} reads: " + "; ".join(seen))
 
 
