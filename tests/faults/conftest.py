@@ -23,13 +23,28 @@ for _path in (_HERE, _HERE.parent / "server"):
         sys.path.insert(0, str(_path))
 
 from kernel_expectations import mark_expected_failures  # noqa: E402
-from serverproc import ServerFactory, server_factory, unwind_on_termination  # noqa: E402  (needs the sys.path lines above)
+from serverproc import (  # noqa: E402  (needs the sys.path lines above)
+    ServerFactory,
+    server_factory,
+    server_start_header,
+    server_start_mode,
+    unwind_on_termination,
+)
 
 
 def pytest_configure(config: pytest.Config) -> None:
     # In a target there is no pyproject.toml to declare the marker.
     config.addinivalue_line("markers", "suite(name): the report suite a test counts under")
     unwind_on_termination()  # a run ended by SIGTERM or SIGHUP still stops its servers
+    try:
+        server_start_mode()
+    except ValueError as exc:  # a user's setting: one line, not a traceback
+        raise pytest.UsageError(str(exc)) from None
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    """How this run starts its servers (serverproc.server_start_mode)."""
+    return str(server_start_header())
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -15,12 +15,22 @@ if str(Path(__file__).resolve().parent) not in sys.path:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from kernel_expectations import mark_expected_failures
-from serverproc import ServerFactory, server_factory, unwind_on_termination
+from serverproc import (
+    ServerFactory,
+    server_factory,
+    server_start_header,
+    server_start_mode,
+    unwind_on_termination,
+)
 
 
 def pytest_configure(config: pytest.Config) -> None:
     """A run ended by SIGTERM or SIGHUP still stops its servers."""
     unwind_on_termination()
+    try:
+        server_start_mode()
+    except ValueError as exc:  # a user's setting: one line, not a traceback
+        raise pytest.UsageError(str(exc)) from None
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -32,3 +42,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def servers(tmp_path: Path) -> Iterator[ServerFactory]:
     """A factory of servers; teardown kills what is left and rejects any traceback."""
     yield from server_factory(tmp_path)
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    """How this run starts its servers (serverproc.server_start_mode)."""
+    return server_start_header()

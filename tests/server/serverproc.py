@@ -27,7 +27,9 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import IO, Any, Callable, Dict, Iterator, List, Optional, Protocol, Sequence, Tuple
+
+from forkserver import ForkServer
 
 # IOMUX_TEST_SCALE shrinks the sizes (bytes, client counts that are not the point
 # of a test) for VMs where Python runs about 10x slower; waits grow by the inverse.
@@ -167,10 +169,66 @@ def exec_argv(nofile: int, *args: str) -> List[str]:
     return [sys.executable, "-c", _EXEC_WRAPPER, str(nofile), "-m", "iomux", *args]
 
 
+class ServerHandle(Protocol):
+    """What ServerProcess uses of its process: ``subprocess.Popen``, or a ``ForkedServer``."""
+
+    pid: int
+    returncode: Optional[int]
+    stdin: Optional[IO[bytes]]
+    stderr: Optional[IO[bytes]]
+
+    def poll(self) -> Optional[int]: ...
+    def wait(self, timeout: Optional[float] = None) -> int: ...
+    def send_signal(self, sig: int) -> None: ...
+    def kill(self) -> None: ...
+
+
+#: How start_server starts a server: "fork" (the default) forks it from a fork server
+#: that has imported iomux already (forkserver.py: 0.07-0.10 s to ready in the emulated
+#: VM against 0.64-1.03 s for an exec), "exec" runs a fresh ``python -m iomux serve``
+#: every time. A test of the start itself asks for exec whatever this says.
+SERVER_START_ENV = "IOMUX_SERVER_START"
+SERVER_START_MODES = ("fork", "exec")
+
+
+def server_start_mode() -> str:
+    """SERVER_START_ENV's value ("fork" where it is unset), checked."""
+    mode = os.environ.get(SERVER_START_ENV, "") or "fork"
+    if mode not in SERVER_START_MODES:
+        raise ValueError(f"{SERVER_START_ENV}={mode!r}: expected one of {', '.join(SERVER_START_MODES)}")
+    if mode == "fork" and not (hasattr(os, "fork") and hasattr(socket, "AF_UNIX")):
+        return "exec"
+    return mode
+
+
+def server_start_header() -> str:
+    """One line for pytest's header: how servers start in this run."""
+    mode = server_start_mode()
+    how = ("forked from a fork server that has imported iomux (forkserver.py)" if mode == "fork"
+           else "python -m iomux serve, one interpreter each")
+    return f"server starts: {mode}: {how}; tests of the start itself always exec ({SERVER_START_ENV})"
+
+
+_fork_server: Optional[ForkServer] = None
+_fork_server_lock = threading.Lock()
+
+
+def fork_server() -> ForkServer:
+    """This process's fork server, started on first use (and ended when we exit)."""
+    global _fork_server
+    with _fork_server_lock:
+        if _fork_server is None:
+            import atexit
+
+            _fork_server = ForkServer(iomux_env())
+            atexit.register(_fork_server.close)
+        return _fork_server
+
+
 class ServerProcess:
     """One running ``iomux serve``: its ready record, its stderr lines, its signals."""
 
-    def __init__(self, proc: subprocess.Popen[bytes], ready_file: Path, argv: List[str]) -> None:
+    def __init__(self, proc: ServerHandle, ready_file: Path, argv: List[str]) -> None:
         self.proc = proc
         self.ready_file = ready_file
         self.argv = argv
@@ -367,26 +425,32 @@ def start_server(
     nofile: int = 0,
     stdin_pipe: bool = False,
     wait_ready: bool = True,
+    fresh_interpreter: bool = False,
 ) -> ServerProcess:
     """Start ``iomux serve --backend BACKEND --host 127.0.0.1 --port 0 --ready-file F EXTRA``.
 
     ``nofile`` > 0 sets the server's RLIMIT_NOFILE soft limit. The server runs in
     its own session, so that the caller can kill it and every worker it forked.
+    It is forked from the fork server (server_start_mode), unless the mode is
+    "exec" or ``fresh_interpreter`` asks for a ``python -m iomux serve`` of its own.
     """
     ready_file = tmp_path / f"ready-{backend}-{time.monotonic_ns()}.json"
     serve = [
         "serve", "--backend", backend, "--host", "127.0.0.1", "--port", "0",
         "--ready-file", str(ready_file), *extra,
     ]
-    argv = exec_argv(nofile, *serve)
-    proc = subprocess.Popen(
-        argv,
-        env=iomux_env(),
-        stdin=subprocess.PIPE if stdin_pipe else subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        start_new_session=True,
-    )
+    proc: ServerHandle
+    if fresh_interpreter or server_start_mode() == "exec":
+        proc = subprocess.Popen(
+            exec_argv(nofile, *serve),
+            env=iomux_env(),
+            stdin=subprocess.PIPE if stdin_pipe else subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+        )
+    else:
+        proc = fork_server().start(serve, iomux_env(), nofile=nofile, stdin_pipe=stdin_pipe)
     server = ServerProcess(proc, ready_file, ["iomux", *serve])
     if wait_ready:
         try:
@@ -410,9 +474,11 @@ class ServerFactory:
         *extra: str,
         nofile: int = 0,
         stdin_pipe: bool = False,
+        fresh_interpreter: bool = False,
     ) -> ServerProcess:
         """Start ``iomux serve`` on ``backend`` with ``extra`` flags (see ``start_server``)."""
-        server = start_server(self.tmp_path, backend, *extra, nofile=nofile, stdin_pipe=stdin_pipe)
+        server = start_server(self.tmp_path, backend, *extra, nofile=nofile, stdin_pipe=stdin_pipe,
+                              fresh_interpreter=fresh_interpreter)
         self.servers.append(server)
         return server
 

@@ -93,14 +93,18 @@ class EchoServerTests:
             pytest.skip(reason)
         self.servers = servers
 
-    def serve(self, *extra: str, nofile: int = 0, stdin_pipe: bool = False) -> ServerProcess:
+    def serve(self, *extra: str, nofile: int = 0, stdin_pipe: bool = False,
+              fresh_interpreter: bool = False) -> ServerProcess:
         """Start a server on this class's backend; the fixture reaps it."""
-        return self.servers.start(self.BACKEND, *extra, nofile=nofile, stdin_pipe=stdin_pipe)
+        return self.servers.start(self.BACKEND, *extra, nofile=nofile, stdin_pipe=stdin_pipe,
+                                  fresh_interpreter=fresh_interpreter)
 
     # -- start-up contract ------------------------------------------------------------------
 
     def test_ready_line_and_ready_file(self) -> None:
-        server = self.serve()
+        # The start itself is what is tested: a python -m iomux serve of its own,
+        # not a fork of the fork server (serverproc.server_start_mode).
+        server = self.serve(fresh_interpreter=True)
         ready = server.ready
         assert set(ready) == READY_FILE_KEYS
         assert ready["host"] == "127.0.0.1"
