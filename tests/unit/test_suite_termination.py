@@ -23,14 +23,19 @@ from harness.drivers.kernels import marked_pids
 REPO = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.parametrize("start", ["fork", "exec"])
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
-def test_a_signalled_run_leaves_no_server(tmp_path: Path, signum: int) -> None:
+def test_a_signalled_run_leaves_no_server(tmp_path: Path, signum: int, start: str) -> None:
+    """Servers forked by the fork server (tests/server/forkserver.py) have its command
+    line, not theirs: the run's environment marks every process of it, the fork server
+    and what it forked included, as /proc/PID/environ shows the one of its exec."""
     base = tmp_path / "run"
+    env = dict(os.environ, IOMUX_SERVER_START=start, IOMUX_TEST_RUN=str(base))
     proc = subprocess.Popen(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist",
          f"--basetemp={base}", "tests/server/test_echo_server.py",
          "-k", "TestPoll and test_idle_timeout_reaps_an_idle_connection"],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         start_new_session=True,
         # As a shell's foreground job has them: default dispositions.
         preexec_fn=lambda: [signal.signal(s, signal.SIG_DFL) for s in (signal.SIGTERM, signal.SIGHUP)])
