@@ -24,7 +24,7 @@ import signal
 import socket
 import threading
 import time
-from typing import ClassVar, Dict, Iterator, List, Optional, Tuple, cast
+from typing import ClassVar, Dict, List, Optional, Tuple, cast
 
 import pytest
 from faultlib import FD_UNCOUNTABLE, Bystander, fd_count, p99, stream_echo, wait_fds
@@ -34,6 +34,8 @@ from serverproc import (
     MiB,
     ServerFactory,
     ServerProcess,
+    closing_all,
+    connect_and_probe,
     cpu_seconds,
     nofile_at_least,
     probe,
@@ -52,16 +54,6 @@ pytestmark = pytest.mark.suite("faults")
 RSS_BOUND = 32 * MiB
 STORM = 2000
 STORM_NOFILE = STORM + 300
-
-
-@contextlib.contextmanager
-def closing_all(socks: List[socket.socket]) -> Iterator[List[socket.socket]]:
-    """Close every socket of the (growing) list at the end of the block."""
-    try:
-        yield socks
-    finally:
-        for s in socks:
-            s.close()
 
 
 def nonblocking_connects(address: Tuple[str, int], n: int, socks: List[socket.socket]) -> None:
@@ -615,12 +607,7 @@ class TestSelect(ServerFaultTests):
             server = self.serve(nofile=nofile)
             bystanders = [Bystander(server.address, f"by{i}", pause=0.01) for i in range(2)]
             try:
-                outcomes: List[str] = []
-                while len(outcomes) < many:
-                    base = len(clients)
-                    for _ in range(min(100, many - base)):
-                        clients.append(server.connect())
-                    outcomes += [probe(s, f"client {base + i}\n".encode()) for i, s in enumerate(clients[base:])]
+                outcomes = connect_and_probe(server, clients, many)
             finally:
                 for b in bystanders:
                     b.finish()

@@ -526,17 +526,74 @@ def read_until_closed(sock: socket.socket, timeout: float = 10.0) -> Tuple[bytes
         buf += chunk
 
 
+@contextlib.contextmanager
+def closing_all(socks: List[socket.socket]) -> Iterator[List[socket.socket]]:
+    """Close every socket of the list (which may still grow) at the end of the block."""
+    try:
+        yield socks
+    finally:
+        for s in socks:
+            s.close()
+
+
+_CLOSED_ERRORS = (ConnectionResetError, BrokenPipeError, ConnectionAbortedError)
+
+
 def probe(sock: socket.socket, data: bytes = b"ping\n") -> str:
     """One round trip: "echo" when it came back whole, "closed" when the server closed it."""
     try:
         sock.sendall(data)
+    except _CLOSED_ERRORS:
+        return "closed"
+    return _echo_outcome(sock, data)
+
+
+def _echo_outcome(sock: socket.socket, data: bytes) -> str:
+    """Read ``data``'s echo: "echo", or "closed" on a reset or an end of stream."""
+    try:
         got = recv_exact(sock, len(data))
-    except (ConnectionResetError, BrokenPipeError, ConnectionAbortedError):
+    except _CLOSED_ERRORS:
         return "closed"
     except AssertionError:  # EOF from recv_exact
         return "closed"
     assert got == data, f"echo mismatch: sent {data!r}, got {got!r}"
     return "echo"
+
+
+def probe_all(socks: Sequence[socket.socket], payloads: Sequence[bytes]) -> List[str]:
+    """``probe`` on every socket, pipelined: every request is sent before any echo is read.
+
+    One round trip at a time costs the server a wake-up (or two) per client, and
+    a wake-up is what the emulated VM is slow at; sent together, one wake-up can
+    answer many. Each client's outcome is still its own.
+    """
+    sent = []
+    for sock, data in zip(socks, payloads):
+        try:
+            sock.sendall(data)
+            sent.append(True)
+        except _CLOSED_ERRORS:
+            sent.append(False)
+    return [_echo_outcome(sock, data) if ok else "closed"
+            for sock, data, ok in zip(socks, payloads, sent)]
+
+
+def connect_and_probe(server: ServerProcess, socks: List[socket.socket], n: int,
+                      batch: int = 100) -> List[str]:
+    """Open ``n`` connections (appended to ``socks``) in batches, one round trip on each
+    (``probe_all``); "echo" or "closed" per client.
+
+    Batches of 100, each answered before the next, keep the accept queue short,
+    so that the test does not depend on the server's listen backlog.
+    """
+    outcomes: List[str] = []
+    while len(outcomes) < n:
+        first = len(socks)
+        count = min(batch, n - len(outcomes))
+        for _ in range(count):
+            socks.append(server.connect())
+        outcomes += probe_all(socks[first:], [f"client {len(outcomes) + i}\n".encode() for i in range(count)])
+    return outcomes
 
 
 @dataclass

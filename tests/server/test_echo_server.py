@@ -18,7 +18,7 @@ import selectors
 import signal
 import socket
 import time
-from typing import ClassVar, Iterator, List
+from typing import ClassVar, List
 
 import pytest
 from serverproc import (
@@ -32,6 +32,8 @@ from serverproc import (
     ServerProcess,
     backends_info,
     child_pids,
+    closing_all,
+    connect_and_probe,
     cpu_seconds,
     nofile_at_least,
     open_fds,
@@ -53,31 +55,6 @@ import iomux
 # More than FD_SETSIZE (1024), the limit of select(); the server also needs its own few fds.
 MANY = 1100
 MANY_NOFILE = MANY + 200
-
-
-@contextlib.contextmanager
-def closing_all(socks: List[socket.socket]) -> Iterator[List[socket.socket]]:
-    """Close every socket of the list (which may still grow) at the end of the block."""
-    try:
-        yield socks
-    finally:
-        for s in socks:
-            s.close()
-
-
-def connect_and_probe(server: ServerProcess, socks: List[socket.socket], n: int) -> List[str]:
-    """Open ``n`` connections in batches, one round trip on each; "echo" or "closed" per client.
-
-    Batches of 100, each answered before the next, keep the accept queue short,
-    so that the test does not depend on the server's listen backlog.
-    """
-    outcomes: List[str] = []
-    while len(outcomes) < n:
-        base = len(outcomes)
-        for _ in range(min(100, n - base)):
-            socks.append(server.connect())
-        outcomes += [probe(s, f"client {base + i}\n".encode()) for i, s in enumerate(socks[base:])]
-    return outcomes
 
 
 class EchoServerTests:
