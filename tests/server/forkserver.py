@@ -373,13 +373,31 @@ class ForkServer:
             os.close(err_w)
             os.close(in_r)
         stdin = os.fdopen(in_w, "wb", buffering=0) if in_w >= 0 else None
+        stderr = os.fdopen(err_r, "rb")
         try:
-            return ForkedServer(status_ours, stdin, os.fdopen(err_r, "rb"))
-        except BaseException:
+            return ForkedServer(status_ours, stdin, stderr)
+        except BaseException as exc:
             status_ours.close()
+            stderr.close()
             if stdin is not None:
                 stdin.close()
+            if isinstance(exc, ForkServerError):
+                # The request was sent but the fork server died before it forked: a
+                # child of an earlier request that has not yet closed its inherited
+                # copy of the control socket keeps the send from failing (EPIPE).
+                # Say it is gone, as a failed send does, once its exit is certain.
+                gone = self._exit_status(timeout=5.0)
+                if gone is not None:
+                    raise ForkServerError(f"cannot reach the fork server: it exited ({gone})") from None
             raise
+
+    def _exit_status(self, timeout: float) -> Optional[str]:
+        """How the fork server ended ("status N", "signal N"), or None if it runs on."""
+        try:
+            rc = self._proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return None
+        return f"signal {-rc}" if rc < 0 else f"status {rc}"
 
     def close(self, timeout: float = 10.0) -> None:
         """End the fork server (EOF on its control socket) and reap it."""

@@ -16,6 +16,7 @@ import resource
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Set
@@ -221,6 +222,27 @@ def test_a_fork_server_gone_is_an_error_not_a_hang() -> None:
         assert child.stderr is not None
         child.stderr.close()
     assert _gone_within(child.pid, 10)
+
+
+def test_a_fork_server_that_dies_with_a_request_in_flight_is_an_error_not_a_hang() -> None:
+    """The send succeeds (the fork server is stopped, not gone) and it dies before it
+    reads the request: the same "cannot reach" as a send that fails, within seconds.
+    (In a loaded run, a child that has not yet closed its inherited control socket
+    made the send succeed after the fork server had died: Python 3.9, debian-11.)"""
+    fs = ForkServer(iomux_env())
+    try:
+        os.kill(fs.pid, signal.SIGSTOP)
+        killer = threading.Timer(0.5, os.kill, (fs.pid, signal.SIGKILL))
+        killer.start()
+        t0 = time.monotonic()
+        try:
+            with pytest.raises(ForkServerError, match=r"cannot reach the fork server: it exited \(signal 9\)"):
+                fs.start(["backends"], iomux_env())
+        finally:
+            killer.join()
+        assert time.monotonic() - t0 < wait(10)
+    finally:
+        fs.close()
 
 
 def test_the_fork_server_says_what_it_is_in_its_command_line() -> None:
