@@ -87,6 +87,19 @@ def inner_workers_cap() -> int:
     return max(1, (os.cpu_count() or 1) // at_once)
 
 
+#: Settings of the suites' own that a run passes on to every target's inner suites, so
+#: that they hold in a target as on the host: how servers start (tests/server/serverproc.py,
+#: IOMUX_SERVER_START=exec gives each its own interpreter, as before the fork server).
+PASSED_ON_ENV = ("IOMUX_SERVER_START",)
+
+
+def inner_suite_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment an inner suite gets beyond the target's own: PASSED_ON_ENV where
+    this run has them set, then ``extra`` (the target's, IOMUX_TEST_SCALE)."""
+    passed = {k: os.environ[k] for k in PASSED_ON_ENV if os.environ.get(k)}
+    return {**passed, **(extra or {})}
+
+
 def suite_cpu(stderr: str) -> dict[str, Any] | None:
     """The wall and CPU seconds and the workers the measuring wrapper printed, or None."""
     for line in reversed(stderr.splitlines()):
@@ -149,6 +162,7 @@ def run_inner_suite(running_target: RunningTarget, request: pytest.FixtureReques
     python = target_python(running_target)
     argv = [python, "-c", _MEASURE, str(inner_workers_cap()), "-p", "no:cacheprovider", "-q",
             tests_dir, "--junitxml", inner_xml]
+    env = inner_suite_env(env)
     if env:
         # env(1) takes NAME=VALUE words as data: no shell is involved.
         argv = ["env", *(f"{k}={v}" for k, v in sorted(env.items())), *argv]

@@ -139,3 +139,13 @@ def test_guest_tool_versions_read_xdists_wheel_name(tmp_path: Path) -> None:
     assert guest_tool_versions(wheels) == {"pytest": "9.2.0", "pytest-xdist": "3.8.0",
                                            "hypothesis": "6.140.0"}
     assert "pytest-xdist" in GUEST_TOOLS
+
+
+def test_the_server_start_mode_of_the_run_reaches_the_inner_suites(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("IOMUX_SERVER_START", "exec")
+    assert guest_suites.inner_suite_env({"IOMUX_TEST_SCALE": "0.25"}) == {
+        "IOMUX_SERVER_START": "exec", "IOMUX_TEST_SCALE": "0.25"}
+    monkeypatch.delenv("IOMUX_SERVER_START")
+    assert guest_suites.inner_suite_env(None) == {}
+    assert guest_suites.inner_suite_env({"IOMUX_TEST_SCALE": "0.25"}) == {"IOMUX_TEST_SCALE": "0.25"}
