@@ -25,6 +25,7 @@ for _path in (_HERE, _HERE.parent / "server"):
 from kernel_expectations import mark_expected_failures  # noqa: E402
 from serverproc import (  # noqa: E402  (needs the sys.path lines above)
     ServerFactory,
+    close_fork_server,
     server_factory,
     server_start_header,
     server_start_mode,
@@ -40,6 +41,11 @@ def pytest_configure(config: pytest.Config) -> None:
         server_start_mode()
     except ValueError as exc:  # a user's setting: one line, not a traceback
         raise pytest.UsageError(str(exc)) from None
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """The fork server ends with the session, so that its servers' CPU time is the run's."""
+    close_fork_server()
 
 
 def pytest_report_header(config: pytest.Config) -> str:

@@ -17,6 +17,7 @@ if str(Path(__file__).resolve().parent) not in sys.path:
 from kernel_expectations import mark_expected_failures
 from serverproc import (
     ServerFactory,
+    close_fork_server,
     server_factory,
     server_start_header,
     server_start_mode,
@@ -42,6 +43,11 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def servers(tmp_path: Path) -> Iterator[ServerFactory]:
     """A factory of servers; teardown kills what is left and rejects any traceback."""
     yield from server_factory(tmp_path)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """The fork server ends with the session, so that its servers' CPU time is the run's."""
+    close_fork_server()
 
 
 def pytest_report_header(config: pytest.Config) -> str:

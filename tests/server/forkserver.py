@@ -242,6 +242,7 @@ def serve(control_fd: int) -> None:
                     status_of[pid] = status
                     _reap(status_of)
     finally:
+        _reap(status_of)  # what has exited: its CPU time reaches us, and so our parent
         for status in status_of.values():
             status.close()
 

@@ -225,6 +225,17 @@ def fork_server() -> ForkServer:
         return _fork_server
 
 
+def close_fork_server() -> None:
+    """End this process's fork server, if it started one, and reap it (a conftest's
+    pytest_unconfigure). Its children's CPU time reaches this process's os.times()
+    only then: a suite's CPU (harness.guest_suites) is read before atexit runs."""
+    global _fork_server
+    with _fork_server_lock:
+        if _fork_server is not None:
+            _fork_server.close()
+            _fork_server = None
+
+
 class ServerProcess:
     """One running ``iomux serve``: its ready record, its stderr lines, its signals."""
 

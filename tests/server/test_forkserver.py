@@ -25,9 +25,14 @@ import pytest
 from forkserver import TITLE, ForkServer, ForkServerError
 from serverproc import (
     SERVER_START_ENV,
+    MiB,
     ServerFactory,
     ServerProcess,
+    close_fork_server,
+    cpu_seconds,
     iomux_env,
+    pump,
+    scaled,
     server_start_mode,
     start_server,
     wait,
@@ -254,3 +259,28 @@ def test_the_fork_server_says_what_it_is_in_its_command_line() -> None:
     finally:
         fs.close()
     assert not _running(fs.pid)
+
+
+def test_a_forked_servers_cpu_time_is_ours_once_the_fork_server_is_closed(tmp_path: Path) -> None:
+    """A suite's CPU is read from its own os.times() (harness.guest_suites): a forked
+    server is the fork server's child, so its CPU reaches us when the fork server,
+    which reaped it, is reaped in turn (close_fork_server, pytest_unconfigure)."""
+    before = os.times()
+    server = start_server(tmp_path, "auto")
+    try:
+        payload = os.urandom(scaled(256 * MiB, minimum=32 * MiB))
+        with server.connect(timeout=60) as c:
+            (echoed,) = pump([(c, payload)], shut_wr=True, timeout=120)
+        assert echoed == payload
+        used = cpu_seconds(server.pid)
+        server.send_signal(signal.SIGTERM)
+        assert server.wait_exit(10) == 0
+    finally:
+        server.close()
+    assert used is not None and used >= 0.1, f"the server used {used} s: too little to see"
+    close_fork_server()
+    after = os.times()
+    gained = (after.children_user + after.children_system
+              - before.children_user - before.children_system)
+    # Clock ticks round each figure; the fork server's own CPU only adds.
+    assert gained >= used - 0.02, f"the server used {used:.2f} s; our children's CPU grew {gained:.2f} s"

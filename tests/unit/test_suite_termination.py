@@ -61,3 +61,28 @@ def test_a_signalled_run_leaves_no_server(tmp_path: Path, signum: int, start: st
         os.kill(pid, signal.SIGKILL)
     assert not left, f"servers left serving after the run got signal {signum}:\n{out[-2000:]}"
     assert proc.returncode != 0, out[-2000:]  # the run was interrupted, not passed
+
+
+# After pytest.main returns, before atexit: no child of the run is left, so that the
+# CPU time of every server it forked is in os.times() (harness.guest_suites reads it there).
+_AFTER_MAIN = (
+    "import os, sys, pytest\n"
+    "rc = pytest.main(sys.argv[1:])\n"
+    "try:\n"
+    "    pid, _ = os.waitpid(-1, os.WNOHANG)\n"
+    "    print('children: alive' if pid == 0 else f'children: {pid} exited unreaped')\n"
+    "except ChildProcessError:\n"
+    "    print('children: none')\n"
+    "sys.exit(rc)\n")
+
+
+def test_a_suite_run_reaps_its_fork_server_before_pytest_returns(tmp_path: Path) -> None:
+    env = dict(os.environ, IOMUX_SERVER_START="fork")
+    proc = subprocess.run(
+        [sys.executable, "-c", _AFTER_MAIN, "-q", "-p", "no:cacheprovider", "-p", "no:xdist",
+         f"--basetemp={tmp_path / 'run'}", "tests/server/test_echo_server.py",
+         "-k", "TestPoll and test_echo_8_mib_sha256"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "1 passed" in proc.stdout, proc.stdout[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == "children: none", proc.stdout[-2000:]
