@@ -22,40 +22,20 @@ for _path in (_HERE, _HERE.parent / "server"):
     if str(_path) not in sys.path:
         sys.path.insert(0, str(_path))
 
-from kernel_expectations import mark_expected_failures  # noqa: E402
-from serverproc import (  # noqa: E402  (needs the sys.path lines above)
-    ServerFactory,
-    close_fork_server,
-    server_factory,
-    server_start_header,
-    server_start_mode,
-    unwind_on_termination,
+import suite_hooks  # noqa: E402  (needs the sys.path lines above)
+from serverproc import ServerFactory, server_factory  # noqa: E402
+from suite_hooks import (  # noqa: E402, F401  (pytest takes a conftest's hooks by name)
+    pytest_collection_modifyitems,
+    pytest_report_header,
+    pytest_unconfigure,
 )
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    # In a target there is no pyproject.toml to declare the marker.
+    """The suite marker (in a target there is no pyproject.toml to declare it), then
+    what the server suite's configure does (suite_hooks.pytest_configure)."""
     config.addinivalue_line("markers", "suite(name): the report suite a test counts under")
-    unwind_on_termination()  # a run ended by SIGTERM or SIGHUP still stops its servers
-    try:
-        server_start_mode()
-    except ValueError as exc:  # a user's setting: one line, not a traceback
-        raise pytest.UsageError(str(exc)) from None
-
-
-def pytest_unconfigure(config: pytest.Config) -> None:
-    """The fork server ends with the session, so that its servers' CPU time is the run's."""
-    close_fork_server()
-
-
-def pytest_report_header(config: pytest.Config) -> str:
-    """How this run starts its servers (serverproc.server_start_mode)."""
-    return str(server_start_header())
-
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Mark the tests this kernel is expected to fail (../server/kernel_expectations.py)."""
-    mark_expected_failures(items)
+    suite_hooks.pytest_configure(config)
 
 
 @pytest.fixture

@@ -14,29 +14,13 @@ import pytest
 if str(Path(__file__).resolve().parent) not in sys.path:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from kernel_expectations import mark_expected_failures
-from serverproc import (
-    ServerFactory,
-    close_fork_server,
-    server_factory,
-    server_start_header,
-    server_start_mode,
-    unwind_on_termination,
+from serverproc import ServerFactory, server_factory
+from suite_hooks import (  # noqa: F401  (pytest takes a conftest's hooks by name)
+    pytest_collection_modifyitems,
+    pytest_configure,
+    pytest_report_header,
+    pytest_unconfigure,
 )
-
-
-def pytest_configure(config: pytest.Config) -> None:
-    """A run ended by SIGTERM or SIGHUP still stops its servers."""
-    unwind_on_termination()
-    try:
-        server_start_mode()
-    except ValueError as exc:  # a user's setting: one line, not a traceback
-        raise pytest.UsageError(str(exc)) from None
-
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Mark the tests this kernel is expected to fail (kernel_expectations.py)."""
-    mark_expected_failures(items)
 
 
 @pytest.fixture
@@ -44,12 +28,3 @@ def servers(tmp_path: Path) -> Iterator[ServerFactory]:
     """A factory of servers; teardown kills what is left and rejects any traceback."""
     yield from server_factory(tmp_path)
 
-
-def pytest_unconfigure(config: pytest.Config) -> None:
-    """The fork server ends with the session, so that its servers' CPU time is the run's."""
-    close_fork_server()
-
-
-def pytest_report_header(config: pytest.Config) -> str:
-    """How this run starts its servers (serverproc.server_start_mode)."""
-    return server_start_header()
