@@ -74,9 +74,11 @@ def machine(tmp_path: Path) -> Iterator[dict[str, Path]]:
                         f'case $2 in show) [[ -e {links}/$3 ]];; del) rm {links}/$3;; '
                         "*) exit 2;; esac")
     # dockerd: sleeps, marked up while it runs; docker info answers while it does. Like
-    # the real one, it makes its bridge and leaves it behind when it stops.
+    # the real one, it makes its bridge before it answers (so the bridge first, then the
+    # mark that docker info reads: the other way round, a cold CI run's check of the
+    # bridge came between them) and leaves it behind when it stops.
     up = tmp_path / "dockerd.up"
-    _stub(bindir, ".dockerd", f'echo "dockerd $*" >>{calls}; echo $$ >{up}; touch {links}/{BRIDGE}; '
+    _stub(bindir, ".dockerd", f'echo "dockerd $*" >>{calls}; touch {links}/{BRIDGE}; echo $$ >{up}; '
                               f"trap 'rm -f {up}; exit 0' TERM; while :; do sleep 0.1; done")
     _stub(bindir, "docker", f'[[ -s {up} ]] && kill -0 "$(cat {up})" 2>/dev/null')
     yield {"bin": bindir, "calls": calls, "uid": uid, "up": up, "tmp": tmp_path, "links": links}
