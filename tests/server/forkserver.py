@@ -50,7 +50,7 @@ import subprocess
 import sys
 import threading
 import time
-from typing import IO, Any, Dict, List, Optional, Sequence
+from typing import IO, Any, Callable, Dict, List, Optional, Sequence
 
 #: What the fork server imports once, so that a child need not: the command line
 #: and the server with everything ``iomux serve`` loads (threading: --stop-on-stdin).
@@ -266,12 +266,18 @@ def _reap(status_of: Dict[int, socket.socket]) -> None:
 # -- the test process's side ----------------------------------------------------------------
 
 
+#: How often a wait for a status line checks that the fork server still runs (ForkedServer._line).
+_LIVENESS_POLL = 0.5
+_GONE = "the fork server went away before it reported the server's status"
+
+
 class ForkedServer:
     """One child of the fork server, with the part of ``subprocess.Popen`` the suites use."""
 
     def __init__(self, status: socket.socket, stdin: Optional[IO[bytes]], stderr: IO[bytes],
-                 timeout: float = 60.0) -> None:
+                 timeout: float = 60.0, alive: Callable[[], bool] = lambda: True) -> None:
         self._status = status
+        self._alive = alive
         self._buf = b""
         self.stdin = stdin
         self.stderr: Optional[IO[bytes]] = stderr
@@ -284,17 +290,30 @@ class ForkedServer:
         self.pid = int(words[1])
 
     def _line(self, timeout: Optional[float]) -> str:
-        """The next line from the status socket; '' when none came within ``timeout``."""
+        """The next line from the status socket; '' when none came within ``timeout``.
+
+        The fork server's death shows as the status socket's end of stream, except
+        for a request it never read: that status socket is still in flight, and
+        gVisor keeps a descriptor in flight referenced while our end of the control
+        socket is open (no end of stream came in 60 s, runsc 20221219 and 20240729),
+        so the fork server's liveness is checked too, every _LIVENESS_POLL seconds.
+        """
         deadline = None if timeout is None else time.monotonic() + timeout
+        gone = False
         while b"\n" not in self._buf:
-            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-            self._status.settimeout(remaining)
+            remaining = _LIVENESS_POLL if deadline is None else max(0.0, deadline - time.monotonic())
+            self._status.settimeout(0.0 if gone else min(remaining, _LIVENESS_POLL))
             try:
                 data = self._status.recv(4096)
             except (socket.timeout, BlockingIOError):
-                return ""
+                if gone:  # and nothing was left to read
+                    raise ForkServerError(_GONE) from None
+                gone = not self._alive()  # then read once more what it wrote before
+                if not gone and deadline is not None and time.monotonic() >= deadline:
+                    return ""
+                continue
             if not data:
-                raise ForkServerError("the fork server went away before it reported the server's status")
+                raise ForkServerError(_GONE)
             self._buf += data
         line, _, self._buf = self._buf.partition(b"\n")
         return line.decode("utf-8", "replace")
@@ -376,7 +395,7 @@ class ForkServer:
         stdin = os.fdopen(in_w, "wb", buffering=0) if in_w >= 0 else None
         stderr = os.fdopen(err_r, "rb")
         try:
-            return ForkedServer(status_ours, stdin, stderr)
+            return ForkedServer(status_ours, stdin, stderr, alive=lambda: self._proc.poll() is None)
         except BaseException as exc:
             status_ours.close()
             stderr.close()

@@ -14,6 +14,7 @@ import contextlib
 import os
 import resource
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -22,7 +23,7 @@ from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Set
 
 import pytest
-from forkserver import TITLE, ForkServer, ForkServerError
+from forkserver import TITLE, ForkedServer, ForkServer, ForkServerError
 from serverproc import (
     SERVER_START_ENV,
     MiB,
@@ -300,3 +301,22 @@ def test_a_forked_servers_cpu_time_is_ours_once_the_fork_server_is_closed(tmp_pa
               - before.children_user - before.children_system)
     # Clock ticks round each figure; the fork server's own CPU only adds.
     assert gained >= used - 0.02, f"the server used {used:.2f} s; our children's CPU grew {gained:.2f} s"
+
+
+def test_a_fork_server_gone_without_an_end_of_stream_is_seen_as_gone() -> None:
+    """gVisor keeps a status socket that is still in flight referenced (forkserver.py,
+    ForkedServer._line): no end of stream comes, and the fork server's exit alone
+    must end the wait, within seconds, not after the 60 s pid timeout."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    with theirs, open(os.devnull, "rb") as stderr:  # theirs stays open: no end of stream
+        t0 = time.monotonic()
+        with pytest.raises(ForkServerError, match="went away"):
+            ForkedServer(ours, None, stderr, timeout=60, alive=lambda: False)
+        assert time.monotonic() - t0 < 5
+        ours.close()
+        # What it wrote before it went is still read.
+        ours, theirs2 = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        with theirs2:
+            theirs2.sendall(b"pid 4242\n")
+            assert ForkedServer(ours, None, stderr, timeout=60, alive=lambda: False).pid == 4242
+        ours.close()
