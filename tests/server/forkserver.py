@@ -351,7 +351,8 @@ class ForkedServer:
 
 
 class ForkServer:
-    """The test process's handle on its fork server, started on first use."""
+    """The test process's handle on a fork server, which it starts (serverproc.fork_server
+    starts one per process, on first use)."""
 
     def __init__(self, env: Dict[str, str]) -> None:
         self._lock = threading.Lock()

@@ -11,6 +11,7 @@ in-guest suite.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import functools
 import importlib.util
@@ -218,10 +219,7 @@ def fork_server() -> ForkServer:
     global _fork_server
     with _fork_server_lock:
         if _fork_server is None:
-            import atexit
-
             _fork_server = ForkServer(iomux_env())
-            atexit.register(_fork_server.close)
         return _fork_server
 
 
@@ -234,6 +232,9 @@ def close_fork_server() -> None:
         if _fork_server is not None:
             _fork_server.close()
             _fork_server = None
+
+
+atexit.register(close_fork_server)  # a process that ends outside pytest_unconfigure
 
 
 class ServerProcess:
