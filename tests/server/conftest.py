@@ -27,4 +27,3 @@ from suite_hooks import (  # noqa: F401  (pytest takes a conftest's hooks by nam
 def servers(tmp_path: Path) -> Iterator[ServerFactory]:
     """A factory of servers; teardown kills what is left and rejects any traceback."""
     yield from server_factory(tmp_path)
-
