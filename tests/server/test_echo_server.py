@@ -23,6 +23,7 @@ from typing import ClassVar, List
 import pytest
 from serverproc import (
     ERROR_RE,
+    EXHAUSTED_RE,
     READY_FILE_KEYS,
     READY_RE,
     REFUSED_RE,
@@ -306,7 +307,9 @@ class EchoServerTests:
                 clients.append(s)
                 s.setblocking(False)
                 s.connect_ex(server.address)
-            time.sleep(wait(0.5))
+            # Measure from the server's first EMFILE on: from then on a server that
+            # spins on it does so (a fixed half-second wait for it proved nothing).
+            server.wait_line(EXHAUSTED_RE)
             # Half a second: a server that spins on EMFILE burns about all of it (the
             # bound is 20%), and the counters tick in 10 ms (CLK_TCK 100; BSD ps: cs).
             cpu0, t0 = cpu_seconds(server.pid), time.monotonic()
