@@ -175,8 +175,8 @@ class ServerFaultTests:
 
         Injection: a client with a 4 KiB SO_RCVBUF tries to write 64 MiB and
         reads nothing; two bystanders measure their round-trip p99 before it
-        comes and again while it sits stalled (the best of five windows of
-        200 round trips each).
+        comes and again while it sits stalled (the best of up to five windows
+        of 200 round trips each).
         Must hold: the slow client's writes stall (backpressure), the server's
         RSS stays under 32 MiB above its warmed-up baseline, and the bystanders'
         p99 with it is at most 3x their p99 without it, or 100 ms. The floor is
@@ -187,22 +187,30 @@ class ServerFaultTests:
         """
         server = self.serve()
         baseline = warm_baseline(server)
+        floor = 0.1
 
-        def measure() -> float:
-            # The best of five windows: one p99 of 200 samples is the 2nd-worst
-            # sample, and a machine shared by other targets' runs (make
+        def measure(enough: float) -> Tuple[float, int]:
+            # The best of up to five windows: one p99 of 200 samples is the
+            # 2nd-worst sample, and a machine shared by other targets' runs (make
             # test-all-os runs them side by side on two cores) makes those noisy
             # in bursts. A server blocked by the slow client is slow in every window.
-            windows = []
-            for _ in range(5):
+            # The windows stop at the first p99 at or under ``enough``, chosen so
+            # that the verdict is the one all five would give: the best can only
+            # fall. (On the emulated and user-space kernels the five windows took
+            # 6-11 s per backend, before and during alike.)
+            windows: List[float] = []
+            while len(windows) < 5 and (not windows or windows[-1] > enough):
                 bys = [Bystander(server.address, f"by{i}") for i in range(2)]
                 deadline = time.monotonic() + wait(20)
                 while min(len(b.latencies) for b in bys) < 200 and time.monotonic() < deadline:
                     time.sleep(0.05)
                 windows.append(max(p99(b.finish()) for b in bys))
-            return min(windows)
+            return min(windows), len(windows)
 
-        before = measure()
+        # A best "before" at or under a third of the floor puts the bound at the
+        # floor whatever the later windows read.
+        before, windows_before = measure(floor / 3)
+        bound = max(3 * before, floor)
         with server.connect(rcvbuf=4096) as slow:
             slow.setblocking(False)
             chunk = b"s" * (64 * 1024)
@@ -216,7 +224,8 @@ class ServerFaultTests:
                         if not sel.select(wait(1.0)):
                             stalled = True
                             break
-            during = measure()
+            # The first window within the bound settles it: the best of five would be too.
+            during, windows_during = measure(bound)
             rss = rss_kib(server.pid)
             stats = server.stats()
         assert stalled, f"the server read all {sent} bytes from a client that never reads"
@@ -224,8 +233,8 @@ class ServerFaultTests:
         assert rss is not None
         grown = (rss - baseline) * 1024
         assert grown < RSS_BOUND, f"server RSS grew {grown / MiB:.1f} MiB with a reader that never reads"
-        bound = max(3 * before, 0.1)
-        print(f"slow reader: p99 {before * 1000:.2f} ms -> {during * 1000:.2f} ms, "
+        print(f"slow reader: p99 {before * 1000:.2f} ms ({windows_before} windows) -> "
+              f"{during * 1000:.2f} ms ({windows_during}), "
               f"RSS +{grown / MiB:.1f} MiB, stalled after {sent / MiB:.1f} MiB")
         assert during <= bound, (
             f"bystanders' p99 {during * 1000:.2f} ms beside a slow reader, "
