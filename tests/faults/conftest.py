@@ -27,6 +27,7 @@ from serverproc import ServerFactory, server_factory  # noqa: E402
 from suite_hooks import (  # noqa: E402, F401  (pytest takes a conftest's hooks by name)
     pytest_collection_modifyitems,
     pytest_report_header,
+    pytest_terminal_summary,
     pytest_unconfigure,
 )
 

@@ -19,6 +19,7 @@ from suite_hooks import (  # noqa: F401  (pytest takes a conftest's hooks by nam
     pytest_collection_modifyitems,
     pytest_configure,
     pytest_report_header,
+    pytest_terminal_summary,
     pytest_unconfigure,
 )
 

@@ -640,6 +640,20 @@ class _Flow:
     eof: bool = False
 
 
+#: The longest time with no byte moving either way inside a pump() that completed,
+#: and how many completed: the figure pump's stall window must stay clear of,
+#: printed at the end of a session (suite_hooks.pytest_terminal_summary).
+_healthy_gaps: Dict[str, float] = {"longest": 0.0, "pumps": 0}
+
+
+def pump_gap_summary(stall: float = 10.0) -> Optional[str]:
+    """One line on the completed pumps' longest gap against the stall window; None if none ran."""
+    if not _healthy_gaps["pumps"]:
+        return None
+    return (f"pump: longest gap without progress in {int(_healthy_gaps['pumps'])} completed "
+            f"transfers: {_healthy_gaps['longest']:.2f}s (stall window {wait(stall):.1f}s)")
+
+
 def pump(
     flows: Sequence[Tuple[socket.socket, bytes]],
     timeout: float = 30.0,
@@ -679,11 +693,13 @@ def pump(
         deadline = time.monotonic() + wait(timeout)
         moved_at = time.monotonic()
         moved = -1
+        longest = 0.0
         while open_flows:
             now = time.monotonic()
             remaining = deadline - now
             total = sum(s.sent + len(s.received) for s in states)
             if total != moved:
+                longest = max(longest, now - moved_at)
                 moved, moved_at = total, now
             stalled = now - moved_at >= wait(stall)
             if remaining <= 0 or stalled:
@@ -726,6 +742,8 @@ def pump(
                 if done:
                     sel.unregister(st.sock)
                     open_flows -= 1
+        _healthy_gaps["longest"] = max(_healthy_gaps["longest"], longest)
+        _healthy_gaps["pumps"] += 1
     finally:
         sel.close()
         for st in states:

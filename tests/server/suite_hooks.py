@@ -15,6 +15,7 @@ import pytest
 from kernel_expectations import mark_expected_failures
 from serverproc import (
     close_fork_server,
+    pump_gap_summary,
     server_start_header,
     server_start_mode,
     unwind_on_termination,
@@ -47,3 +48,15 @@ def pytest_report_header(config: pytest.Config) -> List[str]:
 def pytest_collection_modifyitems(config: pytest.Config, items: List[pytest.Item]) -> None:
     """Mark the tests this kernel is expected to fail (kernel_expectations.py)."""
     mark_expected_failures(items)
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """The longest healthy gap in a transfer on this kernel, beside pump's stall
+    window (serverproc.pump): the figure that sizes the window. Once a session."""
+    config = terminalreporter.config
+    if getattr(config, "_iomux_gap_shown", False):
+        return
+    setattr(config, "_iomux_gap_shown", True)  # noqa: B010  (pytest.Config has no such slot)
+    line = pump_gap_summary()
+    if line is not None:
+        terminalreporter.write_line(line)
