@@ -742,6 +742,8 @@ def pump(
                 if done:
                     sel.unregister(st.sock)
                     open_flows -= 1
+        # The last bytes (which end the loop) ended a gap too.
+        longest = max(longest, time.monotonic() - moved_at)
         _healthy_gaps["longest"] = max(_healthy_gaps["longest"], longest)
         _healthy_gaps["pumps"] += 1
     finally:
