@@ -47,6 +47,7 @@ from serverproc import (
     set_linger_reset,
     unavailable_reason,
     wait,
+    write_until_stalled,
 )
 
 pytestmark = pytest.mark.suite("faults")
@@ -212,18 +213,7 @@ class ServerFaultTests:
         before, windows_before = measure(floor / 3)
         bound = max(3 * before, floor)
         with server.connect(rcvbuf=4096) as slow:
-            slow.setblocking(False)
-            chunk = b"s" * (64 * 1024)
-            sent, stalled = 0, False
-            with selectors.DefaultSelector() as sel:
-                sel.register(slow, selectors.EVENT_WRITE)
-                while sent < 64 * MiB:
-                    try:
-                        sent += slow.send(chunk)
-                    except BlockingIOError:
-                        if not sel.select(wait(1.0)):
-                            stalled = True
-                            break
+            sent, stalled = write_until_stalled(server, slow, 64 * MiB)
             # The first window within the bound settles it: the best of five would be too.
             during, windows_during = measure(bound)
             rss = rss_kib(server.pid)

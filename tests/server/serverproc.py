@@ -755,6 +755,36 @@ def pump(
     return [bytes(s.received) for s in states]
 
 
+def write_until_stalled(server: ServerProcess, sock: socket.socket, cap: int) -> Tuple[int, bool]:
+    """Write to ``sock``, a client that never reads, until the server stops reading
+    it or ``cap`` bytes have gone; return (bytes sent, whether it stalled).
+
+    Stalled: not writable for a quarter of a second once the server's stats line
+    counts a backpressure pause more than when the writing began, or not writable for a whole second (stretched)
+    whatever the stats say (so that a server that stops reading without counting
+    it still stalls here, and fails its test's ``paused`` check). The whole
+    second, stretched, was the only rule before: 4-8 s of waiting per test on
+    the slow targets, where the server had paused long before.
+    """
+    paused_before = server.stats()["paused"]
+    sock.setblocking(False)
+    chunk = b"s" * (64 * 1024)
+    sent = 0
+    with selectors.DefaultSelector() as sel:
+        sel.register(sock, selectors.EVENT_WRITE)
+        while sent < cap:
+            try:
+                sent += sock.send(chunk)
+                continue
+            except BlockingIOError:
+                pass
+            if sel.select(0.25):
+                continue
+            if server.stats()["paused"] > paused_before or not sel.select(wait(1.0)):
+                return sent, True
+    return sent, False
+
+
 def set_linger_reset(sock: socket.socket) -> None:
     """SO_LINGER on, 0 seconds: close() then sends an RST instead of a FIN."""
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))

@@ -49,6 +49,7 @@ from serverproc import (
     set_linger_reset,
     unavailable_reason,
     wait,
+    write_until_stalled,
 )
 
 import iomux
@@ -204,19 +205,7 @@ class EchoServerTests:
         # than the kernel buffers hold between us (a few MiB each way).
         cap = max(32 * MiB, scaled(64 * MiB))
         with closing_all([server.connect(rcvbuf=4096)]) as socks:
-            reader = socks[0]
-            reader.setblocking(False)
-            chunk = b"s" * (64 * 1024)
-            sent, stalled = 0, False
-            with selectors.DefaultSelector() as sel:
-                sel.register(reader, selectors.EVENT_WRITE)
-                while sent < cap:
-                    try:
-                        sent += reader.send(chunk)
-                    except BlockingIOError:
-                        if not sel.select(wait(1.0)):
-                            stalled = True
-                            break
+            sent, stalled = write_until_stalled(server, socks[0], cap)
             rss = rss_kib(server.pid)
             with server.connect() as other:
                 assert roundtrip(other, b"still here\n") == b"still here\n"
