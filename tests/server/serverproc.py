@@ -640,10 +640,20 @@ class _Flow:
     eof: bool = False
 
 
-#: The longest time with no byte moving either way inside a pump() that completed,
-#: and how many completed: the figure pump's stall window must stay clear of,
-#: printed at the end of a session (suite_hooks.pytest_terminal_summary).
-_healthy_gaps: Dict[str, float] = {"longest": 0.0, "pumps": 0}
+@dataclass
+class _GapRecord:
+    """The longest time with no byte moving either way inside a pump() that
+    completed, and how many completed: the figure pump's stall window must stay
+    clear of, printed at the end of a session (suite_hooks.pytest_terminal_summary)."""
+
+    longest: float = 0.0
+    pumps: int = 0
+
+
+_healthy_gaps = _GapRecord()
+
+#: pump's default ``stall``: seconds without a byte moving (before ``stall_window``).
+PUMP_STALL = 10.0
 
 
 def stall_window(stall: float) -> float:
@@ -660,12 +670,12 @@ def stall_window(stall: float) -> float:
     return min(wait(stall), 2 * stall)
 
 
-def pump_gap_summary(stall: float = 10.0) -> Optional[str]:
-    """One line on the completed pumps' longest gap against the stall window; None if none ran."""
-    if not _healthy_gaps["pumps"]:
+def pump_gap_summary() -> Optional[str]:
+    """One line on the completed pumps' longest gap against the default stall window; None if none ran."""
+    if not _healthy_gaps.pumps:
         return None
-    return (f"pump: longest gap without progress in {int(_healthy_gaps['pumps'])} completed "
-            f"transfers: {_healthy_gaps['longest']:.2f}s (stall window {stall_window(stall):.1f}s)")
+    return (f"pump: longest gap without progress in {_healthy_gaps.pumps} completed transfers: "
+            f"{_healthy_gaps.longest:.2f}s (stall window {stall_window(PUMP_STALL):.1f}s)")
 
 
 def pump(
@@ -674,7 +684,7 @@ def pump(
     shut_wr: bool = False,
     read_chunk: int = 256 * 1024,
     read_late: bool = False,
-    stall: float = 10.0,
+    stall: float = PUMP_STALL,
 ) -> List[bytes]:
     """Write every payload and read every echo at the same time, on many sockets at once.
 
@@ -759,8 +769,8 @@ def pump(
                     open_flows -= 1
         # The last bytes (which end the loop) ended a gap too.
         longest = max(longest, time.monotonic() - moved_at)
-        _healthy_gaps["longest"] = max(_healthy_gaps["longest"], longest)
-        _healthy_gaps["pumps"] += 1
+        _healthy_gaps.longest = max(_healthy_gaps.longest, longest)
+        _healthy_gaps.pumps += 1
     finally:
         sel.close()
         for st in states:
@@ -775,11 +785,12 @@ def write_until_stalled(server: ServerProcess, sock: socket.socket, cap: int) ->
     it or ``cap`` bytes have gone; return (bytes sent, whether it stalled).
 
     Stalled: not writable for a quarter of a second once the server's stats line
-    counts a backpressure pause more than when the writing began, or not writable for a whole second (stretched)
-    whatever the stats say (so that a server that stops reading without counting
-    it still stalls here, and fails its test's ``paused`` check). The whole
-    second, stretched, was the only rule before: 4-8 s of waiting per test on
-    the slow targets, where the server had paused long before.
+    counts a backpressure pause more than when the writing began, or not
+    writable for a whole second (stretched) whatever the stats say (so that a
+    server that stops reading without counting it still stalls here, and fails
+    its test's ``paused`` check). The whole second, stretched, was the only rule
+    before: 4-8 s of waiting per test on the slow targets, where the server had
+    paused long before.
     """
     paused_before = server.stats()["paused"]
     sock.setblocking(False)

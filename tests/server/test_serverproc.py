@@ -38,7 +38,7 @@ def test_probe_all_without_hung_after_raises_on_a_stranded_client(silent_listene
 
 
 def test_pump_records_the_longest_gap_of_a_completed_transfer(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(serverproc, "_healthy_gaps", {"longest": 0.0, "pumps": 0})
+    monkeypatch.setattr(serverproc, "_healthy_gaps", serverproc._GapRecord())
     assert pump_gap_summary() is None
     ours, theirs = socket.socketpair()
 
@@ -53,7 +53,7 @@ def test_pump_records_the_longest_gap_of_a_completed_transfer(monkeypatch: pytes
         (echoed,) = pump([(ours, b"late\n")], timeout=10)
         echo.join(5)
     assert echoed == b"late\n"
-    longest = serverproc._healthy_gaps["longest"]
+    longest = serverproc._healthy_gaps.longest
     assert 0.3 <= longest < 5, longest
     line = pump_gap_summary()
     assert line is not None and "in 1 completed transfers" in line and "stall window" in line, line
