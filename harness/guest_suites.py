@@ -162,6 +162,11 @@ def run_inner_suite(running_target: RunningTarget, request: pytest.FixtureReques
     python = target_python(running_target)
     argv = [python, "-c", _MEASURE, str(inner_workers_cap()), "-p", "no:cacheprovider", "-q",
             tests_dir, "--junitxml", inner_xml]
+    selection = request.config.getoption("inner_k", None)
+    if selection:
+        # --inner-k: a selection of the suite (the harness's own end-to-end tests run
+        # one); selecting nothing is pytest's exit status 5, a failure below.
+        argv += ["-k", selection]
     env = inner_suite_env(env)
     if env:
         # env(1) takes NAME=VALUE words as data: no shell is involved.

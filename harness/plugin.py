@@ -75,6 +75,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="the targets file (default: targets.toml at the repository root)")
     group.addoption("--reports-dir", default=None, metavar="DIR",
                     help="where reports/<run-id>/ goes (default: reports/ at the rootdir)")
+    group.addoption("--inner-k", default=None, metavar="EXPRESSION",
+                    help="a -k expression that selects the tests of the suites run inside "
+                         "each target (in-guest, faults; default: all); results.json and "
+                         "the summary record it, since such a run checks less")
 
 
 class Harness:
@@ -200,7 +204,8 @@ class Harness:
         """The results document of DESIGN.md section 4 (harness.results)."""
         return self.results_builder.build(
             run_id=self.run_id, events_path=self.events.path, not_run=self.not_run,
-            swept=self.swept, destroy=self.destroy, interrupted=self.interrupted)
+            swept=self.swept, destroy=self.destroy, interrupted=self.interrupted,
+            inner_selection=self.config.getoption("inner_k"))
 
 
 #: The harness of this process, for the hooks that are not handed the config.

@@ -152,11 +152,13 @@ class ResultsBuilder:
             record["outcome"] = "xpassed" if xfail else "passed"
 
     def build(self, *, run_id: str, events_path: Path, not_run: Mapping[str, str],
-              swept: dict[str, list[str]], destroy: str, interrupted: bool) -> dict[str, Any]:
+              swept: dict[str, list[str]], destroy: str, interrupted: bool,
+              inner_selection: str | None = None) -> dict[str, Any]:
         """The results document of DESIGN.md section 4: this run's tests and the events
         of ``events_path``; ``not_run`` the targets that could not run here, ``swept``
         what the sweep removed, ``destroy`` the --destroy policy, ``interrupted``
-        whether the run was stopped (Ctrl-C, SIGTERM)."""
+        whether the run was stopped (Ctrl-C, SIGTERM), ``inner_selection`` the --inner-k
+        expression the inner suites ran with (None: all their tests)."""
         events = list(iter_events(events_path))
         per: dict[str, dict[str, Any]] = {
             t.name: {"records": {}, "timings": {}, "errors": [], "first": None, "last": None}
@@ -284,6 +286,7 @@ class ResultsBuilder:
                 "swept": swept,
                 "keep_targets": destroy == "never",
                 "destroy": destroy,
+                "inner_selection": inner_selection,
             },
         }
 

@@ -109,6 +109,9 @@ def meta_lines(results: Dict[str, Any]) -> List[str]:
     speed = speed_line(results)
     if speed:
         lines.append(speed)
+    selection = (results.get("run") or {}).get("inner_selection")
+    if selection:
+        lines.append(f"inner suites: only the tests that -k {selection!r} selects (--inner-k)")
     return lines
 
 

@@ -17,6 +17,9 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 LEAN = "not behaviour_suite"
+#: --inner-k: one test of each fault-suite file, run inside the target (each such file
+#: has its own fixtures and helpers to prove; the whole suite is the matrix's work).
+INNER_FAULTS = "partial_writes_sha256 or slicing_sends_one_byte or every_client_gets_exactly"
 
 
 def run_harness(tmp_path: Path, *args: str, env: dict[str, str] | None = None,
@@ -44,12 +47,13 @@ def test_local_passes_and_a_missing_engine_is_not_run(tmp_path: Path) -> None:
     closed = tmp_path / "no-docker.sock"  # nothing listens here
     proc, reports = run_harness(
         tmp_path, "--targets", "local,debian-12", "-n", "2", "--dist", "loadgroup", "-k", LEAN,
-        env={"DOCKER_HOST": f"unix://{closed}"})
+        "--inner-k", INNER_FAULTS, env={"DOCKER_HOST": f"unix://{closed}"})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
     results = load_results(reports)
     for key in ("run_id", "started", "finished", "host", "targets", "claims"):
         assert key in results
     assert (reports / "latest").resolve().name == results["run_id"]
+    assert results["run"]["inner_selection"] == INNER_FAULTS
     by_name = {t["name"]: t for t in results["targets"]}
     assert list(by_name) == ["local", "debian-12"]
 
@@ -65,6 +69,13 @@ def test_local_passes_and_a_missing_engine_is_not_run(tmp_path: Path) -> None:
     # test_host's four, and test_hardening's checks that apply to a local target
     assert suites["host"]["failed"] == 0 and suites["host"]["passed"] >= 4
     assert suites["in-guest"]["passed"] == 1  # the probe; the behaviour suite was deselected
+    # The fault suite ran inside the target, only what --inner-k selected: each of the
+    # selected tests on every backend of this kernel, and nothing else.
+    faults = [t["name"] for t in local["tests"] if t["suite"] == "faults"]
+    chosen = INNER_FAULTS.split(" or ")
+    assert all(any(c in name for c in chosen) for name in faults), faults
+    assert all(any(c in name for name in faults) for c in chosen), faults
+    assert suites["faults"]["failed"] == 0 and suites["faults"]["passed"] >= len(chosen)
     ours = [t for t in local["tests"] if t["suite"] in ("in-guest", "black-box", "host")]
     assert all(t["duration"] >= 0 and t["outcome"] in ("passed", "skipped") for t in ours)
     assert all(t["outcome"] == "passed" for t in ours if t["suite"] != "host")

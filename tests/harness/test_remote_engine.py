@@ -43,6 +43,13 @@ REPO = Path(__file__).resolve().parents[2]
 TARGETS_TOML = REPO / "targets.toml"
 #: The target run on the second engine; its image comes from the main engine.
 TARGET_NAME = "debian-12"
+#: --inner-k: one test of each file of the suites run inside the target.
+INNER_SELECTION = " or ".join((
+    "echo_8_mib_sha256", "forked_server_holds_the_descriptors", "probe_all_with_hung_after",
+    "partial_writes_sha256", "black_holed_peer_via_proxy", "slicing_sends_one_byte",
+    "every_client_gets_exactly"))
+#: The host-side tests of those suites: the probe, and the wrappers of the inner runs.
+_WRAPPERS = ("test_probe", "test_behaviour_suite", "test_fault_suite")
 
 
 def _target(name: str = "t", **options: Any) -> Target:
@@ -468,7 +475,9 @@ def _ours_on(client: Any) -> list[str]:
 @pytest.mark.skipif(_second_engine_reason() is not None, reason=str(_second_engine_reason()))
 def test_a_target_on_a_second_engine_passes_all_its_suites(tmp_path: Path) -> None:
     """``-n 2``: debian-12 on the second engine (an xdist worker's target there) and
-    the same recipe on the default engine, at once; both pass every suite."""
+    the same recipe on the default engine, at once; both pass every suite. The suites
+    run inside the target run a selection (--inner-k, one test of each of their files):
+    what this proves is the engine's transport, which every file's tests use alike."""
     main = DockerDriver()
     declared = _declared(TARGET_NAME)
     # The image as the main engine has it (built, or found cached): the second engine
@@ -490,15 +499,23 @@ def test_a_target_on_a_second_engine_passes_all_its_suites(tmp_path: Path) -> No
                 [sys.executable, "-m", "pytest", "-p", "harness.plugin", "-p",
                  "no:cacheprovider", "tests/cross_os", "--reports-dir", str(reports),
                  "--targets-file", str(targets), "--targets", f"{TARGET_NAME},{on_main}",
-                 "-n", "2", "--dist", "loadgroup"],
+                 "-n", "2", "--dist", "loadgroup", "--inner-k", INNER_SELECTION],
                 cwd=REPO, capture_output=True, text=True, timeout=1200, env=env, check=False)
             assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
             results = json.loads((reports / "latest" / "results.json").read_text())
+            assert results["run"]["inner_selection"] == INNER_SELECTION
             by_name = {t["name"]: t for t in results["targets"]}
+            chosen = INNER_SELECTION.split(" or ")
             for name in (TARGET_NAME, on_main):
                 assert by_name[name]["status"] == "passed", by_name[name]["reason"]
                 suites = by_name[name]["suites"]
-                assert {"in-guest", "black-box", "host"} <= set(suites), suites
+                assert {"in-guest", "faults", "black-box", "host"} <= set(suites), suites
+                inner = [t["name"] for t in by_name[name]["tests"]
+                         if t["suite"] in ("in-guest", "faults")
+                         and t["name"].split("::")[-1].split("[")[0] not in _WRAPPERS]
+                # every selected test ran inside the target, and nothing else did
+                assert all(any(c in n for n in inner) for c in chosen), inner
+                assert all(any(c in n for c in chosen) for n in inner), inner
                 assert all(counts.get("failed", 0) == 0 and counts.get("error", 0) == 0
                            for counts in suites.values()), suites
             # the same suites ran the same tests on both engines

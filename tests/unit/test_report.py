@@ -517,3 +517,13 @@ def test_a_reuse_that_saved_nothing_is_said_not_dropped() -> None:
         "saved nothing: 0.6 s more than its first build and start")
     assert model.reuse_line(target(None, 0.0)) == (
         "debian-12: reused the target kept by run r1, attached in 1.2 s, saved nothing")
+
+
+def test_a_run_of_a_selection_of_the_inner_suites_says_so() -> None:
+    doc = sample()
+    assert "--inner-k" not in report.summary_md(doc)
+    doc.setdefault("run", {})["inner_selection"] = "round_trip or sha256"
+    md = report.summary_md(doc)
+    assert "- inner suites: only the tests that -k 'round_trip or sha256' selects (--inner-k)" in md
+    from iomux.report import page
+    assert "only the tests that -k" in page.report_html(doc)
