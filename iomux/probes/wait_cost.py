@@ -19,7 +19,15 @@ t(10000) differ by 1.3x, cache effects a median evens out.)
 Every point of every backend's line is then timed again, one batch per point
 in turn over several rounds, so that a burst of load from elsewhere on the
 machine falls on all the points alike instead of on one of them (each claim is
-a ratio of two points).
+a ratio of two points). Each point's figure is the first point's median times
+the median over rounds of the point's ratio to the first point in the same
+round: a pair of batches a few milliseconds apart sees the same load.
+(gVisor's systrap platform, measured here with two CPU burners beside it: a
+wait takes 2-3 us while a core is free and 25-85 us while none is, switching
+between the two within a run. Each point's own median then falls on either
+side of that gap, so t(10000)/t(0) of separate medians read 1.06 in a probe
+run and 1.39 in a matrix run; over 16 runs under load the paired ratio read
+0.968-1.005, separate medians 0.964-1.015, the fastest batches up to 1.515.)
 """
 
 from __future__ import annotations
@@ -171,10 +179,28 @@ def probe(ctx: ProbeContext) -> Dict[str, Any]:
             "unit": "seconds per wait (median), timeout 0, 1 ready fd"}
 
 
+def paired_medians(times: List[List[float]]) -> List[float]:
+    """Per point, from ``times[point][round]`` (seconds per wait, every point timed
+    once in every round): the first point's median, and for each other point
+    that median times the median over rounds of its ratio to the first point's
+    batch of the same round.
+
+    A burst of load that slows one round slows both batches of its pairs, so it
+    moves no ratio; a separate median per point moves with whichever side of
+    a bimodal load its middle batch happens to fall on.
+    """
+    base = statistics.median(times[0])
+    out = [base]
+    for row in times[1:]:
+        ratios = [t / b for t, b in zip(row, times[0]) if b > 0]
+        out.append(base * statistics.median(ratios) if ratios else statistics.median(row))
+    return out
+
+
 def _retime_series(ctx: ProbeContext, pool: IdleSockets, active: int, counts: List[int],
                    series: Dict[str, List[Optional[float]]], notes: Dict[str, str]) -> None:
     """Time every measured point of each backend's line again, one batch per point in
-    turn, and keep each point's median batch.
+    turn, and keep each point's paired median (``paired_medians``).
 
     The first pass times the points one after another, so a burst of load from
     elsewhere (other targets of a matrix on the same cores) can fall on one point
@@ -194,7 +220,7 @@ def _retime_series(ctx: ProbeContext, pool: IdleSockets, active: int, counts: Li
             times: List[List[float]] = [[] for _ in points]
             end = time.monotonic() + max(0.2, min(2.0, ctx.left() / 4))
             rounds = 0
-            while rounds < 3 or (time.monotonic() < end and rounds < ctx.size(200, 20)):
+            while rounds < 5 or (time.monotonic() < end and rounds < ctx.size(200, 20)):
                 # Start each round one point further on, so no point always follows
                 # the same neighbour.
                 for j in range(len(points)):
@@ -205,8 +231,8 @@ def _retime_series(ctx: ProbeContext, pool: IdleSockets, active: int, counts: Li
                         fn()
                     times[at].append((time.perf_counter() - t0) / BATCH)
                 rounds += 1
-            for at, i in enumerate(points):
-                series[k][i] = statistics.median(times[at])
+            for at, value in enumerate(paired_medians(times)):
+                series[k][points[at]] = value
             notes[f"{k} re-timed"] = (f"n={', '.join(str(counts[i]) for i in points)} "
                                       f"re-timed in {rounds} rounds of {BATCH} waits each")
         finally:

@@ -14,6 +14,7 @@ import errno
 import json
 import select
 import shutil
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -126,6 +127,26 @@ def test_wait_cost(observed: Dict[str, Any]) -> None:
     assert all(_number(v) for v in r["backends"][mux])
     if not KQUEUE:
         assert r["backends"]["kqueue"] == [None] * 4 and r["notes"]["kqueue"]
+
+
+def test_wait_cost_pairs_each_point_with_the_first_in_the_same_round() -> None:
+    # A bimodal load (gVisor's systrap: 2 us a wait with a free core, 60 us
+    # without one) that falls on 5 of the first point's 9 batches and on 4 of
+    # the last's as fast ones: separate medians land on opposite modes (30x),
+    # while in 8 of 9 rounds both batches of the pair saw the same load.
+    from iomux.probes.wait_cost import paired_medians
+
+    fast, slow = 2e-6, 60e-6
+    first = [fast] * 5 + [slow] * 4
+    last = [fast] * 4 + [slow] * 5
+    assert statistics.median(last) / statistics.median(first) == pytest.approx(30)
+    got = paired_medians([first, [t * 1.1 for t in first], last])
+    assert got[0] == statistics.median(first)
+    assert got[1] / got[0] == pytest.approx(1.1)
+    assert got[2] / got[0] == pytest.approx(1.0)
+    # A real growth (select's O(n)) is kept whatever the load.
+    grown = paired_medians([first, [t * 12 for t in first]])
+    assert grown[1] / grown[0] == pytest.approx(12)
 
 
 def test_level_edge(observed: Dict[str, Any]) -> None:
