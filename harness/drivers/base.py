@@ -126,6 +126,9 @@ class Guest:
     #: The kernel version the claims are judged by where ``uname`` does not tell it;
     #: None: the target's ``kernel_version`` option, its kernel build, or uname.
     kernel_version: str | None = None
+    #: How the kernel runs where the guest cannot see it (gVisor's runsc platform,
+    #: ``ptrace`` or ``systrap``); None: the probe run's own (iomux.facts).
+    kernel_platform: str | None = None
 
 
 @dataclasses.dataclass

@@ -109,6 +109,21 @@ def bundle_config(rootfs: Path, env: Sequence[str], argv: Sequence[str],
     }
 
 
+
+def runsc_platform(flags: Sequence[Any]) -> str | None:
+    """The platform ``--platform=P`` (or ``--platform P``) in runsc's flags names;
+    None where they name none (runsc's default, which changed between builds).
+
+    The sandbox cannot see it: the Sentry reports the same fixed uname whatever
+    runs it, so the claims' records take it from here."""
+    words = [str(f) for f in flags]
+    for i, word in enumerate(words):
+        if word.startswith("--platform="):
+            return word.split("=", 1)[1] or None
+        if word == "--platform" and i + 1 < len(words):
+            return words[i + 1]
+    return None
+
 class GVisorDriver(kernels.KernelDriver):
     """Targets that are a gVisor sandbox on this host."""
 
@@ -154,6 +169,7 @@ class GVisorDriver(kernels.KernelDriver):
     def start(self, target: Target, run_id: str, worker: str, timeout: float) -> Instance:
         """Write the bundle and ``runsc run --detach`` it; destroy on any failure."""
         instance, rootfs = self._new_instance(target, run_id, worker)
+        instance.guest.kernel_platform = runsc_platform(target.options.get("runsc_flags", []))
         home = Path(instance.data["home"])
         instance.data["state_dir"] = str(home / "state")
         (home / "state").mkdir()

@@ -84,7 +84,8 @@ def probe_run(running_target: RunningTarget, target: Target) -> ProbeRun:
         records = claims.evaluate(target.name, target.os_family, document["probes"],
                                   kernel=kernel,
                                   kernel_version=kernel_version(running_target, kernel, document),
-                                  kernel_platform=document.get("kernel_platform"))
+                                  kernel_platform=(running_target.instance.guest.kernel_platform
+                                                   or document.get("kernel_platform")))
         running_target.record("claims", records)
     return ProbeRun(result.rc, seconds, result.stderr, document,
                     {r["id"]: r for r in records})

@@ -17,7 +17,7 @@ from kernel_driver_cases import KernelDriverCases
 
 from harness.drivers import kernels
 from harness.drivers.base import Instance, Target, TargetError
-from harness.drivers.gvisor import GVisorDriver, sandbox_cgroups
+from harness.drivers.gvisor import GVisorDriver, runsc_platform, sandbox_cgroups
 
 pytestmark = pytest.mark.slow
 
@@ -73,6 +73,9 @@ class TestGVisorDriver(KernelDriverCases):
         assert release.stdout.strip() == "4.4.0"
         dmesg = self.driver.exec(instance, ["cat", "/etc/debian_version"], 30)
         assert dmesg.stdout.startswith("12.")
+        # The sandbox cannot tell which platform runs it; the claims take it from here.
+        assert instance.guest.kernel_platform == {"gvisor-2022": "ptrace",
+                                                  "gvisor-2024": "systrap"}[instance.target.name]
 
     def test_failed_start_leaves_no_process(self, target: Target,
                                             built: dict[str, Any]) -> None:
@@ -84,6 +87,13 @@ class TestGVisorDriver(KernelDriverCases):
             self.driver.start(broken, run_id, "t2", timeout=60)
         assert kernels.marked_pids(f"--root={home / 'state'}") == []
         assert not home.exists()
+
+
+def test_runsc_platform_is_read_from_its_flags() -> None:
+    assert runsc_platform(["--platform=systrap", "--overlay2=none"]) == "systrap"
+    assert runsc_platform(["--debug", "--platform", "ptrace"]) == "ptrace"
+    assert runsc_platform(["--overlay2=none"]) is None
+    assert runsc_platform(["--platform="]) is None
 
 
 def test_sandbox_cgroups_are_looked_for_in_every_cgroup_hierarchy(tmp_path: Path) -> None:
