@@ -287,13 +287,18 @@ def test_make_runs_stop_on_ctrl_c(machine: dict[str, Path], tmp_path: Path, sign
     env = {**a_users_shell(), "PATH": f"{machine['bin']}", "IOMUX_SETUP_LOG_DIR": str(tmp_path),
            "IOMUX_SETUP_WAIT": "10", "TMPDIR": str(tmp_path),
            "IOMUX_SETUP_LEFT_UP": str(tmp_path / "left-up")}
-    # SIGINT as a terminal's foreground job has it: under a parent that ignores it
-    # (a background job, a CI step) make, its shell and sleep would inherit SIG_IGN,
-    # and a shell cannot trap a signal that was ignored when it started.
+    # The signal as a terminal's foreground job has it: under a parent that ignores
+    # it (SIGINT: a background job, a CI step; SIGHUP: nohup) make, its shell and
+    # sleep would inherit SIG_IGN, and a shell cannot trap a signal that was ignored
+    # when it started.
+    def default_handlers() -> None:
+        for sig in (signal.SIGINT, signum):
+            signal.signal(sig, signal.SIG_DFL)
+
     proc = subprocess.Popen(["make", "-o", ".venv/.installed", "test-all-os", f"PY={fake}"],
                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, env=env, start_new_session=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+                            preexec_fn=default_handlers)
     try:
         deadline = time.monotonic() + 60
         while not (tmp_path / "testing").exists() and time.monotonic() < deadline:
