@@ -74,9 +74,19 @@ _MEASURE = (
 INNER_WORKERS_ENV = "IOMUX_INNER_WORKERS"
 
 
+#: Inner workers per host core shared among the targets tested at once: with one, a
+#: container's fault suite spent 28 CPU-s in 61 s of wall and its in-guest suite 5 in
+#: 25-29 s (2026-12-07), so two share a core's worth. The whole matrix on 2 cores,
+#: 3 targets at once: 482 and 493 s of wall with 2 inner workers against 550 and 600 s
+#: with 1 (containers' tests 96-102 s -> 58-81 s). Before the critical-path priority
+#: (harness.scheduling) 2 had starved the VM instead (1,087 s against 757 s).
+WORKERS_PER_CORE = 2
+
+
 def inner_workers_cap() -> int:
-    """The most xdist workers an inner suite may run on (INNER_WORKERS_ENV, else the
-    host's cores over the targets tested at once)."""
+    """The most xdist workers an inner suite may run on (INNER_WORKERS_ENV, else
+    WORKERS_PER_CORE for each of the host's cores shared among the targets tested at
+    once, rounded up, and never more than the host's cores)."""
     raw = os.environ.get(INNER_WORKERS_ENV, "")
     try:
         if raw:
@@ -84,7 +94,8 @@ def inner_workers_cap() -> int:
         at_once = targets_at_once()
     except ValueError:
         raise TargetError(f"{INNER_WORKERS_ENV}={raw!r}: not a whole number") from None
-    return max(1, (os.cpu_count() or 1) // at_once)
+    cores = os.cpu_count() or 1
+    return max(1, min(cores, -(-WORKERS_PER_CORE * cores // at_once)))
 
 
 #: Settings of the suites' own that a run passes on to every target's inner suites, so

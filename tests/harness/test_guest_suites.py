@@ -103,15 +103,20 @@ def test_the_cap_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.setenv(guest_suites.INNER_WORKERS_ENV, "0")
     assert guest_suites.inner_workers_cap() == 1
     monkeypatch.delenv(guest_suites.INNER_WORKERS_ENV)
-    # Unset: the host's cores over the targets the run tests at once (its xdist workers).
+    # Unset: two per host core shared among the targets the run tests at once (its
+    # xdist workers), rounded up, at most the host's cores.
     monkeypatch.setattr(os, "cpu_count", lambda: 2)
     monkeypatch.delenv("PYTEST_XDIST_WORKER_COUNT", raising=False)
     assert guest_suites.inner_workers_cap() == 2
     monkeypatch.setenv("PYTEST_XDIST_WORKER_COUNT", "1")
     assert guest_suites.inner_workers_cap() == 2
     monkeypatch.setenv("PYTEST_XDIST_WORKER_COUNT", "3")
+    assert guest_suites.inner_workers_cap() == 2
+    monkeypatch.setattr(os, "cpu_count", lambda: 1)
     assert guest_suites.inner_workers_cap() == 1
     monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    assert guest_suites.inner_workers_cap() == 6
+    monkeypatch.setenv("PYTEST_XDIST_WORKER_COUNT", "9")
     assert guest_suites.inner_workers_cap() == 2
     monkeypatch.setenv(guest_suites.INNER_WORKERS_ENV, "two")
     with pytest.raises(TargetError, match="IOMUX_INNER_WORKERS='two': not a whole number"):
