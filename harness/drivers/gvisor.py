@@ -109,7 +109,6 @@ def bundle_config(rootfs: Path, env: Sequence[str], argv: Sequence[str],
     }
 
 
-
 def runsc_platform(flags: Sequence[Any]) -> str | None:
     """The platform ``--platform=P`` (or ``--platform P``) in runsc's flags names;
     None where they name none (runsc's default, which changed between builds).
@@ -123,6 +122,7 @@ def runsc_platform(flags: Sequence[Any]) -> str | None:
         if word == "--platform" and i + 1 < len(words):
             return words[i + 1]
     return None
+
 
 class GVisorDriver(kernels.KernelDriver):
     """Targets that are a gVisor sandbox on this host."""

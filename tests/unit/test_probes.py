@@ -24,6 +24,7 @@ import pytest
 
 from iomux import probes
 from iomux.probes import claims
+from iomux.probes.wait_cost import paired_medians
 
 REPO = Path(__file__).resolve().parents[2]
 LINUX = sys.platform.startswith("linux")
@@ -134,8 +135,6 @@ def test_wait_cost_pairs_each_point_with_the_first_in_the_same_round() -> None:
     # without one) that falls on 5 of the first point's 9 batches and on 4 of
     # the last's as fast ones: separate medians land on opposite modes (30x),
     # while in 8 of 9 rounds both batches of the pair saw the same load.
-    from iomux.probes.wait_cost import paired_medians
-
     fast, slow = 2e-6, 60e-6
     first = [fast] * 5 + [slow] * 4
     last = [fast] * 4 + [slow] * 5
