@@ -141,6 +141,37 @@ def _exec_dir() -> Path | None:
         return None
 
 
+# A guest's processes all run on one host CPU (``host_cpu``). Each of the guest's
+# system calls is two ptrace stops: the guest process stops, the UML kernel's own host
+# process runs, then the guest process again. With a second host core free, the host
+# scheduler wakes each of them on the other core, and every system call pays two
+# cross-core wake-ups. Measured here (2026-12-07, 2 cores, the uml-6-1 target alone):
+# unpinned, 223 s of wall and 145 core-s, and select-poll-cost-grows read
+# poll t(10000)/t(0) = 6.2, an unexpected difference (Linux: >= 10); pinned, 120 s,
+# 81 core-s, and 41.9. In a full matrix, where the other core is busy, it took 160 s.
+# The guest has one vCPU, so one host CPU is all it can use anyway.
+def host_cpu(worker: str) -> int:
+    """The host CPU for a guest started by xdist ``worker`` (gw0, gw1, ...; any other
+    name counts as 0): the worker's number modulo the CPUs this process may use, so
+    that two guests tested at once sit on different CPUs."""
+    allowed = sorted(os.sched_getaffinity(0))
+    digits = worker[len(worker.rstrip("0123456789")):]
+    return allowed[int(digits or 0) % len(allowed)]
+
+
+@contextlib.contextmanager
+def _children_on_cpu(cpu: int) -> Any:
+    """Processes this thread starts in the block inherit an affinity of ``cpu`` alone
+    (sched_setaffinity with pid 0 is the calling thread's, and fork copies it); the
+    thread's own comes back after."""
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {cpu})
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
+
+
 def _cpu_flags(*wanted: str) -> list[str]:
     """Those of ``wanted`` that /proc/cpuinfo lists for this CPU."""
     try:
@@ -253,11 +284,14 @@ class UMLDriver(kernels.KernelDriver):
                 f"IOMUX_HOSTNAME={target.name}", f"IOMUX_NOFILE={kernels.nofile_limit()[1]}"]
         env = {"PATH": "/usr/bin:/bin", ENV_MARK: name, "TMPDIR": str(_exec_dir() or home),
                **binary.env()}
+        cpu = host_cpu(worker)
+        instance.data["host_cpu"] = cpu
         try:
-            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log,
-                                    stderr=subprocess.STDOUT, env=env, cwd=home,
-                                    pass_fds=(to_guest_r, from_guest_w, log.fileno()),
-                                    start_new_session=True)
+            with _children_on_cpu(cpu):
+                proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log,
+                                        stderr=subprocess.STDOUT, env=env, cwd=home,
+                                        pass_fds=(to_guest_r, from_guest_w, log.fileno()),
+                                        start_new_session=True)
         finally:
             for fd in (to_guest_r, from_guest_w):
                 os.close(fd)

@@ -8,6 +8,7 @@ is in the tree, and a failed boot leaves no process.
 from __future__ import annotations
 
 import dataclasses
+import os
 import uuid
 from pathlib import Path
 from typing import Any, ClassVar
@@ -17,7 +18,7 @@ from kernel_driver_cases import KernelDriverCases
 
 from harness.drivers import kernel_builds, kernels
 from harness.drivers.base import Instance, StepTimeout, Target, TargetError
-from harness.drivers.uml import ENV_MARK, UMLDriver, fpu_refusal, fpu_refused_reason
+from harness.drivers.uml import ENV_MARK, UMLDriver, fpu_refusal, fpu_refused_reason, host_cpu
 from harness.targets import load
 
 pytestmark = pytest.mark.slow
@@ -46,6 +47,16 @@ class TestUMLDriver(KernelDriverCases):
         assert self.driver.exec(instance, ["cat", "/etc/debian_version"],
                                 30).stdout.startswith("12.")
 
+    def test_guest_runs_on_one_host_cpu(self, instance: Instance) -> None:
+        # Every process of the guest (the UML kernel's and each guest process's host
+        # process), as the kernel reports it, is on the one CPU the driver chose.
+        self.driver.exec(instance, ["true"], 30)
+        pids = self.guest_pids(instance)
+        assert len(pids) >= 2, pids
+        allowed = {pid: Path(f"/proc/{pid}/status").read_text().split("Cpus_allowed_list:")[1]
+                   .split()[0] for pid in pids}
+        assert set(allowed.values()) == {str(instance.data["host_cpu"])}, allowed
+
     def test_failed_boot_leaves_no_process(self, target: Target,
                                            built: dict[str, Any]) -> None:
         # Too little memory for the kernel: it panics during boot, the agent never answers.
@@ -56,6 +67,12 @@ class TestUMLDriver(KernelDriverCases):
             self.driver.start(broken, run_id, "t2", timeout=60)
         assert kernels.marked_pids(f"{ENV_MARK}={name}") == []
         assert not (kernels.STATE_BASE / "uml" / name).exists()
+
+
+def test_host_cpu_spreads_the_workers_over_the_allowed_cpus() -> None:
+    allowed = sorted(os.sched_getaffinity(0))
+    assert host_cpu("gw0") == host_cpu("main") == allowed[0]
+    assert [host_cpu(f"gw{i}") for i in range(2 * len(allowed))] == allowed * 2
 
 
 def test_fpu_refused_reason_reads_the_console_line() -> None:
