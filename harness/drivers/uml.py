@@ -48,7 +48,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import IO, Any, ClassVar, Sequence
+from typing import IO, Any, ClassVar, Iterator, Sequence
 
 from harness.drivers import kernel_builds, kernels
 from harness.drivers.base import (
@@ -147,8 +147,9 @@ def _exec_dir() -> Path | None:
 # scheduler wakes each of them on the other core, and every system call pays two
 # cross-core wake-ups. Measured here (2026-12-07, 2 cores, the uml-6-1 target alone):
 # unpinned, 223 s of wall and 145 core-s, and select-poll-cost-grows read
-# poll t(10000)/t(0) = 6.2, an unexpected difference (Linux: >= 10); pinned, 120 s,
-# 81 core-s, and 41.9. In a full matrix, where the other core is busy, it took 160 s.
+# poll t(10000)/t(0) = 6.2, an unexpected difference (Linux: >= 10); under taskset,
+# 120 s, 81 core-s, and 41.9 (with this driver's pin: 129 s and 98 core-s). In a full
+# matrix, where the other core is busy, it took 160 s unpinned.
 # The guest has one vCPU, so one host CPU is all it can use anyway.
 def host_cpu(worker: str) -> int:
     """The host CPU for a guest started by xdist ``worker`` (gw0, gw1, ...; any other
@@ -160,7 +161,7 @@ def host_cpu(worker: str) -> int:
 
 
 @contextlib.contextmanager
-def _children_on_cpu(cpu: int) -> Any:
+def _children_on_cpu(cpu: int) -> Iterator[None]:
     """Processes this thread starts in the block inherit an affinity of ``cpu`` alone
     (sched_setaffinity with pid 0 is the calling thread's, and fork copies it); the
     thread's own comes back after."""
