@@ -57,6 +57,8 @@ pytestmark = pytest.mark.suite("faults")
 RSS_BOUND = 32 * MiB
 STORM = 2000
 STORM_NOFILE = STORM + 300
+# The signal storm's size: SIGUSR1s sent, one a millisecond, while echo rounds run.
+STORM_SIGNALS = 200
 
 
 def nonblocking_connects(address: Tuple[str, int], n: int, socks: List[socket.socket]) -> None:
@@ -430,30 +432,33 @@ class ServerFaultTests:
         """Fault: a storm of signals during transfers.
 
         Injection: a thread sends SIGUSR1 (the stats signal) to the server
-        every millisecond for 2 s, while 8 clients echo 512 KiB (scaled) each,
-        round after round, until the storm is over.
+        every millisecond while 8 clients echo 512 KiB (scaled) each, round
+        after round, until STORM_SIGNALS signals have gone out and two rounds
+        are done; the storm ends with the last round, so every signal lands
+        while a transfer is in flight.
         Must hold: every round's echo is exact (no byte lost to EINTR), the
         server is still running and answers one more stats request, and it
         logged stats lines during the storm.
         """
+        # A count, not a time: the storm used to last 2 s, round after round
+        # at full speed on two processes, about 16 core-s per target for the
+        # same check (the faults' CPU is the matrix's bound, docs/DESIGN.md).
         server = self.serve()
         mark = server.line_count()
-        done = threading.Event()
+        stop = threading.Event()
         sent = [0]
 
         def storm() -> None:
-            end = time.monotonic() + 2.0
-            while time.monotonic() < end and server.proc.poll() is None:
+            while not stop.is_set() and server.proc.poll() is None:
                 os.kill(server.pid, signal.SIGUSR1)
                 sent[0] += 1
-                time.sleep(0.001)
-            done.set()
+                stop.wait(0.001)
 
         t = threading.Thread(target=storm, daemon=True)
         t.start()
         rounds = 0
         try:
-            while not done.is_set() or rounds == 0:
+            while (sent[0] < STORM_SIGNALS or rounds < 2) and t.is_alive():
                 with closing_all([server.connect() for _ in range(8)]) as clients:
                     payloads = [os.urandom(scaled(512 * 1024)) for _ in clients]
                     echoed = pump(list(zip(clients, payloads)), timeout=60)
@@ -461,11 +466,13 @@ class ServerFaultTests:
                 assert not wrong, f"round {rounds}: clients {wrong} lost data"
                 rounds += 1
         finally:
+            stop.set()
             t.join(10)
         assert server.proc.poll() is None, server.stderr_text()[-2000:]
         stats_lines = server.line_count() - mark
         print(f"signal storm: {sent[0]} SIGUSR1 sent, {stats_lines} stats lines, {rounds} rounds of echo")
         server.wait_stats(open=0)
+        assert sent[0] >= STORM_SIGNALS, f"only {sent[0]} SIGUSR1 sent"
         assert stats_lines >= 1, f"{sent[0]} SIGUSR1 sent, no stats line logged"
 
     def test_sigterm_under_load_drains(self) -> None:
