@@ -17,7 +17,6 @@ case (2,000 connects, 200 clients, 1,100 clients, 100 transfers) do not.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import selectors
 import signal
@@ -242,7 +241,7 @@ class ServerFaultTests:
         only once their writes stall; the server's sends are then short.
         The server runs with ``--high-water 16384``, so a short send that
         leaves more than 16 KiB queued pauses reading.
-        Must hold: each client's echo has the SHA-256 of its input, and the
+        Must hold: each client's echo is its input, byte for byte, and the
         stats line shows backpressure pauses (evidence that sends fell short).
         """
         # A small high-water mark makes any short send that leaves more than
@@ -254,7 +253,10 @@ class ServerFaultTests:
         with closing_all([server.connect(rcvbuf=4096) for _ in payloads]) as clients:
             echoed = pump(list(zip(clients, payloads)), read_chunk=4096, read_late=True, timeout=90)
         for i, (p, e) in enumerate(zip(payloads, echoed)):
-            assert hashlib.sha256(e).hexdigest() == hashlib.sha256(p).hexdigest(), f"client {i}"
+            # Byte for byte (memcmp): what the SHA-256 of each side said, at a
+            # fraction of its cost under emulation.
+            same = e == p  # not in the assert: pytest would diff 4 MiB reprs
+            assert same, f"client {i}: {len(e)} bytes echoed of {len(p)}, not the same bytes"
         assert server.stats()["paused"] >= 1, "no send fell short: the fault was not injected"
 
     def test_one_byte_fragments(self) -> None:
@@ -308,8 +310,8 @@ class ServerFaultTests:
 
         Injection: one client writes 256 MiB (scaled) and reads the echo at the
         same time (two threads), then half-closes.
-        Must hold: the SHA-256 of the echo equals that of the input, EOF
-        follows, and the server's RSS (sampled every 0.1 s) stays under 32 MiB
+        Must hold: the echo is the input, byte for byte (checked as it
+        arrives), EOF follows, and the server's RSS (sampled every 0.1 s) stays under 32 MiB
         above its warmed-up baseline.
         """
         server = self.serve()
@@ -318,7 +320,7 @@ class ServerFaultTests:
         result = stream_echo(server.address, total, watch_pid=server.pid, timeout=120)
         assert not result.errors, result.errors
         assert (result.sent, result.received, result.eof) == (total, total, True)
-        assert result.received_sha == result.sent_sha
+        assert result.first_wrong is None, f"the echo differs from the input at byte {result.first_wrong}"
         assert result.peak_rss_kib is not None
         grown = (result.peak_rss_kib - baseline) * 1024
         print(f"stream: {total / MiB:.0f} MiB, peak RSS +{grown / MiB:.1f} MiB")
