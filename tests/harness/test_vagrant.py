@@ -208,6 +208,20 @@ def test_full_cycle_up_check_exec_provision_destroy(driver: vd.VagrantDriver,
     # What the in-guest suite needs is in the box: there is no network to fetch it.
     assert driver.exec(inst, ["python3", "-m", "pytest", "--version"], 120).rc == 0
 
+    # The boot the box trims (vagrant/box/build.sh): no driver for the unused KVM and
+    # IDE hardware was loaded, the kernel interfaces nobody mounts are masked, and the
+    # initramfs holds the root's drivers, not MODULES=most.
+    modules = driver.exec(inst, ["cat", "/proc/modules"], 60).stdout.split("\n")
+    loaded = {line.split()[0] for line in modules if line.strip()}
+    assert not loaded & {"kvm", "kvm_amd", "ata_piix", "libata"}, sorted(loaded)
+    assert "virtio_blk" in loaded, sorted(loaded)
+    # As root: the box has no D-Bus, and root's systemctl talks to systemd directly.
+    masked = driver.exec(inst, ["systemctl", "is-enabled", "dev-hugepages.mount",
+                                "systemd-binfmt.service", "modprobe@fuse.service"], 60, user="root")
+    assert masked.stdout.split() == ["masked"] * 3, masked.stdout
+    initrd = driver.exec(inst, ["sh", "-c", "lsinitramfs /boot/initrd.img-* | grep -c '[.]ko'"], 120)
+    assert 0 < int(initrd.stdout.strip() or 0) < 40, initrd.stdout
+
     copied = driver.copy_from(inst, "/etc/os-release", tmp_path / "os-release", 60)
     assert 'VERSION_CODENAME=bookworm' in copied.read_text()
 
