@@ -148,10 +148,9 @@ class _StreamPattern:
         while done < len(piece):
             number, start = divmod(offset + done, self.chunk)
             n = min(len(piece) - done, self.chunk - start)
-            if bytes(piece[done : done + n]) != bytes(self.at(number)[start : start + n]):
-                expected = self.at(number)[start : start + n]
-                wrong = next(i for i in range(n) if piece[done + i] != expected[i])
-                return offset + done + wrong
+            got, want = bytes(piece[done : done + n]), bytes(self.at(number)[start : start + n])
+            if got != want:
+                return offset + done + next(i for i in range(n) if got[i] != want[i])
             done += n
         return None
 
