@@ -38,7 +38,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "vagrant" / "provision.sh"
 TOOLS = ("cat", "find", "sort", "xargs", "sha256sum", "cut", "rm", "mkdir", "cp", "mv", "chmod",
-         "sed", "tr", "sleep")
+         "sed", "tr", "sleep", "ln")
 
 STUB_UNAME = """#!/bin/sh
 echo FreeBSD
@@ -330,6 +330,12 @@ def test_debian_path_second_run_changes_nothing(guest: Guest) -> None:
         assert status == 0, err
         assert not first.startswith("iomux-provision: changed=0 "), first
         assert all(_echoes(port) for port in guest.ports)
+        # Enabled as `systemctl enable` leaves a WantedBy=multi-user.target template
+        # instance: a link in the wants directory to the template (made directly).
+        wants = Path(guest.env["IOMUX_PROVISION_ROOT"]) / "etc/systemd/system/multi-user.target.wants"
+        links = sorted(p.name for p in wants.iterdir())
+        assert links and all(n.startswith("iomux-echo@") for n in links), links
+        assert {os.readlink(wants / n) for n in links} == {"/etc/systemd/system/iomux-echo@.service"}
         status, second, err = guest.provision()
         assert status == 0, err
         assert second.startswith("iomux-provision: changed=0 "), (second, guest.log())
