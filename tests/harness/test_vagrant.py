@@ -86,10 +86,11 @@ def test_no_vagrant_is_one_clear_reason(monkeypatch: pytest.MonkeyPatch, tmp_pat
         "vagrant not installed (apt-get install vagrant vagrant-libvirt)")
 
 
-def test_vagrantfile_parses_and_names_the_targets(tmp_path: Path) -> None:
+@pytest.mark.parametrize("sync", ["vagrant", "harness"])
+def test_vagrantfile_parses_and_names_the_targets(tmp_path: Path, sync: str) -> None:
     _need_vagrant()
     env = {**os.environ, "VAGRANT_DOTFILE_PATH": str(tmp_path / "dot"),
-           "VAGRANT_CHECKPOINT_DISABLE": "1"}
+           "VAGRANT_CHECKPOINT_DISABLE": "1", "IOMUX_SYNC": sync}
     res = subprocess.run(["vagrant", "validate"], cwd=ROOT / "vagrant", env=env,
                          capture_output=True, text=True, timeout=120, check=False)
     assert res.returncode == 0, res.stderr
@@ -98,6 +99,15 @@ def test_vagrantfile_parses_and_names_the_targets(tmp_path: Path) -> None:
     assert res.returncode == 0, res.stderr
     machines = {line.split(",")[1] for line in res.stdout.splitlines() if ",state," in line}
     assert machines == {t.name for t in _vagrant_targets()}
+
+
+def test_sync_excludes_are_the_patterns_of_the_file(tmp_path: Path) -> None:
+    pats = vd.sync_excludes()
+    assert {".vagrant/", ".git/", ".venv/", "reports/"} <= set(pats), pats
+    assert "iomux/" not in pats and "tests/" not in pats
+    f = tmp_path / "excludes"
+    f.write_text("# a comment\n\n  a/  \n*.b\n")
+    assert vd.sync_excludes(f) == ["a/", "*.b"]
 
 
 def test_missing_provider_is_named_in_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -219,6 +229,17 @@ def test_full_cycle_up_check_exec_provision_destroy(driver: vd.VagrantDriver,
     masked = driver.exec(inst, ["systemctl", "is-enabled", "dev-hugepages.mount",
                                 "systemd-binfmt.service", "modprobe@fuse.service"], 60, user="root")
     assert masked.stdout.split() == ["masked"] * 3, masked.stdout
+    # Enabled for boot, as `systemctl enable` leaves it (provision.sh makes the link).
+    enabled = driver.exec(inst, ["systemctl", "is-enabled", "iomux-echo@auto.service"], 60,
+                          user="root")
+    assert enabled.stdout.split() == ["enabled"], enabled.stdout
+    # The tree the harness synced (sync_and_provision): what the guest runs, owned by
+    # the SSH user as Vagrant's rsync leaves it, and nothing vagrant/sync-excludes names.
+    listing = set(driver.exec(inst, ["ls", "-A", "/vagrant"], 60).stdout.split())
+    assert {"iomux", "tests", "vagrant", "pyproject.toml"} <= listing, sorted(listing)
+    assert not listing & {".git", ".venv", "docs", "reports", "bench", "docker"}, sorted(listing)
+    owners = driver.exec(inst, ["stat", "-c", "%U", "/vagrant", "/vagrant/iomux/__init__.py"], 60)
+    assert owners.stdout.split() == ["vagrant", "vagrant"], owners.stdout
     initrd = driver.exec(inst, ["sh", "-c", "lsinitramfs /boot/initrd.img-* | grep -c '[.]ko'"], 120)
     assert 0 < int(initrd.stdout.strip() or 0) < 40, initrd.stdout
 
