@@ -63,6 +63,15 @@ EXPECTED_FAILURES: Dict[str, Dict[str, Expectation]] = {
             "gVisor netstack: with an 8 KiB receive window a loopback echo can stall "
             "with data queued while the receiver reads (seen once on 20221219)",
             strict=False),
+        # tests/server. Seen on runsc 20221219 (one matrix of nine targets on two
+        # cores, 2026-12-07; the two runs before it passed): an echo in 64 KiB
+        # sends at the default windows, read by a thread in 1 MiB recvs, stopped;
+        # the client's sendall and its reader's recv both timed out after 60 s with
+        # no byte moving. The same hold, at the default windows this time.
+        "test_a_forked_servers_cpu_time_is_ours_once_the_fork_server_is_closed": Expectation(
+            "gVisor netstack: a loopback echo at the default windows can stall with "
+            "data queued while the receiver reads (seen once on 20221219)",
+            strict=False),
     },
 }
 
