@@ -144,6 +144,9 @@ def test_the_heaviest_waiting_target_starts_next(tmp_path: Path) -> None:
     from harness.scheduling import heaviest_first
     declared = {t.name: targets.weight(t) for t in load()}
     assert declared["local"] == 1.0 and declared["debian-vm"] > declared["debian-12"]
+    # The emulated VM is the run's critical path: the heaviest, so that it is the
+    # one target that keeps its CPU priority (scheduling.in_background).
+    assert declared["debian-vm"] == max(declared.values()), declared
     waiting = ["local", "debian-12", "debian-vm", "uml-6-1"]
     assert heaviest_first(waiting, declared) == max(waiting, key=declared.__getitem__)
     assert heaviest_first(["a", "b", "c"], {"b": 2.0, "c": 2.0}) == "b"  # ties: file order
