@@ -113,6 +113,22 @@ def test_passing_target_runs_in_order_and_is_destroyed(tmp_path: Path) -> None:
     assert set(life.timings) == {"build", "start", "healthy", "test", "destroy"}
 
 
+def test_the_parts_of_a_start_a_driver_times_reach_the_event_log(tmp_path: Path) -> None:
+    class PartsDriver(FakeDriver):
+        def start(self, target: Target, run_id: str, worker: str, timeout: float) -> Instance:
+            inst = super().start(target, run_id, worker, timeout)
+            inst.data["start_steps"] = {"up": 1.5, "sync": 0.5}
+            return inst
+
+    for driver, want in ((PartsDriver(), [{"up": 1.5, "sync": 0.5}]), (FakeDriver(), [])):
+        life, events = make(tmp_path / driver.__class__.__name__, driver)
+        life.bring_up()
+        life.tear_down(failed=False)
+        records = [e["value"] for e in iter_events(events.path)
+                   if e["type"] == "record" and e["key"] == "start_steps"]
+        assert records == want
+
+
 def test_failed_tests_save_logs_before_destroy(tmp_path: Path) -> None:
     driver = FakeDriver()
     life, events = make(tmp_path, driver)

@@ -27,7 +27,7 @@ Facts this driver relies on (measured on the project's CI machines; issue 4):
   own, 0.4 s under emulation. So the harness brings the VM up with
   ``IOMUX_SYNC=harness`` and ``--no-provision`` and then syncs the tree
   (``vagrant/sync-excludes``, the same options) and runs vagrant/provision.sh
-  itself, over its one connection (``sync_and_provision``); by hand, ``vagrant
+  itself, over its one connection (``sync_tree``, ``run_provisioner``); by hand, ``vagrant
   up`` still does both the Vagrant way.
 """
 
@@ -233,21 +233,29 @@ class VagrantDriver(VagrantBoxes, LibvirtDomains, SSHTransport, Driver):
                 break
             instance = self._new_instance(target, run_id, worker)
             try:
+                mark = time.monotonic()
                 res = self._vagrant(instance, ["up", target.name, "--no-provision",
                                                "--no-destroy-on-error"], left, "vagrant up")
                 if res.rc == 0:
-                    instance.data["up_seconds"] = round(time.monotonic() - began, 1)
+                    # The start's parts, for the event log (lifecycle: "start_steps").
+                    steps = {"vagrant_up": round(time.monotonic() - mark, 1)}
+                    mark = time.monotonic()
                     self._write_ssh_config(instance)
-                    left = timeout - (time.monotonic() - began)
-                    prov = self.sync_and_provision(instance, max(30.0, left))
+                    steps["ssh_config"] = round(time.monotonic() - mark, 1)
+                    mark = time.monotonic()
+                    prov = self.sync_tree(instance, max(30.0, timeout - (mark - began)))
+                    steps["sync"] = round(time.monotonic() - mark, 1)
+                    if prov.rc == 0:
+                        mark = time.monotonic()
+                        prov = self.run_provisioner(instance, max(30.0, timeout - (mark - began)))
+                        steps["provision"] = round(time.monotonic() - mark, 1)
                     if prov.rc == 0:
                         instance.data["attempts"] = attempt
+                        instance.data["start_steps"] = steps
                         instance.data["provision"] = self._provision_line(prov.stdout)
                         found = re.search(r"iomux-provision: python=(\S+)", prov.stdout)
                         if found:
                             instance.guest.python = found.group(1)
-                        instance.data["provision_seconds"] = round(
-                            time.monotonic() - began - instance.data["up_seconds"], 1)
                         return instance
                     res = ExecResult(argv=res.argv, rc=prov.rc, stdout=res.stdout + prov.stdout,
                                      stderr=res.stderr + prov.stderr)
@@ -276,27 +284,36 @@ class VagrantDriver(VagrantBoxes, LibvirtDomains, SSHTransport, Driver):
         lines = [m.group(0).strip() for m in PROVISION_RE.finditer(output)]
         return lines[-1] if lines else ""
 
-    def sync_and_provision(self, instance: Instance, timeout: float) -> ExecResult:
-        """What Vagrant's rsync synced folder and shell provisioner do, over the
-        instance's SSH master: the tree to ``GUEST_TREE`` (made and owned by the SSH
-        user first, as Vagrant does), then ``provision.sh`` as root. A failed step's
-        result is returned, not raised; a step that times out raises StepTimeout."""
+    def sync_tree(self, instance: Instance, timeout: float) -> ExecResult:
+        """What Vagrant's rsync synced folder does, over the instance's SSH master:
+        ``GUEST_TREE`` made and owned by the SSH user (as Vagrant does), then the tree
+        rsync'd into it. A failed step's result is returned, not raised; a step that
+        times out raises StepTimeout."""
         deadline = time.monotonic() + timeout
-        name = instance.target.name
         made = self.exec(instance, ["sh", "-c", 'sudo -n mkdir -p "$1" && '
                                     'sudo -n chown "$(id -u):$(id -g)" "$1"', "sh", GUEST_TREE],
                          max(10.0, deadline - time.monotonic()))
         if made.rc != 0:
             return made
         ssh = " ".join(shlex.quote(w) for w in ["ssh", "-F", str(instance.data["ssh_config"])])
-        synced = run_argv(["rsync", *SYNC_OPTIONS, *[f"--exclude={p}" for p in sync_excludes()],
-                           "-e", ssh, f"{ROOT}/", f"{self.ssh_host(instance)}:{GUEST_TREE}/"],
-                          max(10.0, deadline - time.monotonic()), f"{name}: rsync")
+        return run_argv(["rsync", *SYNC_OPTIONS, *[f"--exclude={p}" for p in sync_excludes()],
+                         "-e", ssh, f"{ROOT}/", f"{self.ssh_host(instance)}:{GUEST_TREE}/"],
+                        max(10.0, deadline - time.monotonic()), f"{instance.target.name}: rsync")
+
+    def run_provisioner(self, instance: Instance, timeout: float) -> ExecResult:
+        """What Vagrant's shell provisioner does: ``provision.sh`` of the synced tree,
+        as root, over the instance's SSH master."""
+        return self.exec(instance, ["sh", f"{GUEST_TREE}/vagrant/provision.sh", GUEST_TREE,
+                                    instance.data["env"]["IOMUX_BACKENDS"]], timeout, user="root")
+
+    def sync_and_provision(self, instance: Instance, timeout: float) -> ExecResult:
+        """``sync_tree``, then ``run_provisioner`` if it worked: the first failed
+        step's result, or the provisioner's."""
+        deadline = time.monotonic() + timeout
+        synced = self.sync_tree(instance, timeout)
         if synced.rc != 0:
             return synced
-        return self.exec(instance, ["sh", f"{GUEST_TREE}/vagrant/provision.sh", GUEST_TREE,
-                                    instance.data["env"]["IOMUX_BACKENDS"]],
-                         max(10.0, deadline - time.monotonic()), user="root")
+        return self.run_provisioner(instance, max(10.0, deadline - time.monotonic()))
 
     def provision(self, instance: Instance, timeout: float) -> str:
         """Sync the tree and run the provisioner again (``sync_and_provision``);
