@@ -330,15 +330,24 @@ def test_debian_path_second_run_changes_nothing(guest: Guest) -> None:
         assert status == 0, err
         assert not first.startswith("iomux-provision: changed=0 "), first
         assert all(_echoes(port) for port in guest.ports)
+        # The unit it wrote is the one `--print-unit` gives (the box carries that one).
+        etc = Path(guest.env["IOMUX_PROVISION_ROOT"]) / "etc/systemd/system"
+        printed = subprocess.run(["/bin/sh", str(SCRIPT), "--print-unit"], env=guest.env,
+                                 capture_output=True, text=True, timeout=30, check=True).stdout
+        assert (etc / "iomux-echo@.service").read_text() == printed
+        assert "ExecStart=/usr/local/bin/iomux serve --backend %i" in printed
+        assert "systemctl daemon-reload" in guest.log()
         # Enabled as `systemctl enable` leaves a WantedBy=multi-user.target template
         # instance: a link in the wants directory to the template (made directly).
         wants = Path(guest.env["IOMUX_PROVISION_ROOT"]) / "etc/systemd/system/multi-user.target.wants"
         links = sorted(p.name for p in wants.iterdir())
         assert links and all(n.startswith("iomux-echo@") for n in links), links
         assert {os.readlink(wants / n) for n in links} == {"/etc/systemd/system/iomux-echo@.service"}
+        reloads = guest.log().count("systemctl daemon-reload")
         status, second, err = guest.provision()
         assert status == 0, err
         assert second.startswith("iomux-provision: changed=0 "), (second, guest.log())
+        assert guest.log().count("systemctl daemon-reload") == reloads  # the unit was in place
         assert "pkg" not in guest.log()
         assert all(_echoes(port) for port in guest.ports)
     finally:

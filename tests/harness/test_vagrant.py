@@ -190,6 +190,9 @@ def test_full_cycle_up_check_exec_provision_destroy(driver: vd.VagrantDriver,
     # The first provision did the work and said so.
     assert inst.data["provision"].startswith("iomux-provision: changed="), inst.data
     assert not inst.data["provision"].startswith("iomux-provision: changed=0 ")
+    # The parts of the start, as the event log gets them (lifecycle: start_steps).
+    assert set(inst.data["start_steps"]) == {"vagrant_up", "ssh_config", "sync", "provision"}
+    timings.update(inst.data["start_steps"])
 
     t0 = time.monotonic()
     driver.wait_healthy(inst, 600)
@@ -229,6 +232,16 @@ def test_full_cycle_up_check_exec_provision_destroy(driver: vd.VagrantDriver,
     masked = driver.exec(inst, ["systemctl", "is-enabled", "dev-hugepages.mount",
                                 "systemd-binfmt.service", "modprobe@fuse.service"], 60, user="root")
     assert masked.stdout.split() == ["masked"] * 3, masked.stdout
+    # The box carried provision.sh's echo unit from its build (vagrant/box/build.sh), so
+    # the first provisioning left it as it was, older than this boot: no daemon-reload.
+    unit = driver.exec(inst, ["sh", "-c", "cat /etc/systemd/system/iomux-echo@.service; "
+                              "stat -c %Y /etc/systemd/system/iomux-echo@.service; "
+                              "awk '/^btime/ {print $2}' /proc/stat"], 60).stdout
+    body, mtime, btime = unit.rsplit("\n", 3)[0] + "\n", *unit.split()[-2:]
+    printed = subprocess.run(["sh", str(ROOT / "vagrant" / "provision.sh"), "--print-unit"],
+                             capture_output=True, text=True, timeout=30, check=True).stdout
+    assert body == printed, body
+    assert int(mtime) < int(btime), (mtime, btime)
     # Enabled for boot, as `systemctl enable` leaves it (provision.sh makes the link).
     enabled = driver.exec(inst, ["systemctl", "is-enabled", "iomux-echo@auto.service"], 60,
                           user="root")
