@@ -294,8 +294,9 @@ class TargetLifecycle(KeptTargetSteps):
             return started
 
         self._step("start", start)
-        # A kind may time the parts of its start (instance.data["start_steps"]: part
-        # -> seconds, the vagrant kind's up, ssh_config and sync); the event log has them.
+        # A kind may time the parts of its start (instance.data["start_steps"]: part ->
+        # seconds; the vagrant kind's vagrant_up, ssh_config, sync and provision), and
+        # the event log gets them.
         steps = self.instance.data.get("start_steps") if self.instance is not None else None
         if steps:
             self._emit("record", key="start_steps", value=steps)

@@ -242,13 +242,8 @@ class VagrantDriver(VagrantBoxes, LibvirtDomains, SSHTransport, Driver):
                     mark = time.monotonic()
                     self._write_ssh_config(instance)
                     steps["ssh_config"] = round(time.monotonic() - mark, 1)
-                    mark = time.monotonic()
-                    prov = self.sync_tree(instance, max(30.0, timeout - (mark - began)))
-                    steps["sync"] = round(time.monotonic() - mark, 1)
-                    if prov.rc == 0:
-                        mark = time.monotonic()
-                        prov = self.run_provisioner(instance, max(30.0, timeout - (mark - began)))
-                        steps["provision"] = round(time.monotonic() - mark, 1)
+                    left = timeout - (time.monotonic() - began)
+                    prov = self.sync_and_provision(instance, max(30.0, left), steps)
                     if prov.rc == 0:
                         instance.data["attempts"] = attempt
                         instance.data["start_steps"] = steps
@@ -306,14 +301,22 @@ class VagrantDriver(VagrantBoxes, LibvirtDomains, SSHTransport, Driver):
         return self.exec(instance, ["sh", f"{GUEST_TREE}/vagrant/provision.sh", GUEST_TREE,
                                     instance.data["env"]["IOMUX_BACKENDS"]], timeout, user="root")
 
-    def sync_and_provision(self, instance: Instance, timeout: float) -> ExecResult:
+    def sync_and_provision(self, instance: Instance, timeout: float,
+                           steps: dict[str, float] | None = None) -> ExecResult:
         """``sync_tree``, then ``run_provisioner`` if it worked: the first failed
-        step's result, or the provisioner's."""
-        deadline = time.monotonic() + timeout
+        step's result, or the provisioner's. ``steps`` gets each one's seconds
+        (``sync``, ``provision``)."""
+        timed = steps if steps is not None else {}
+        mark = time.monotonic()
+        deadline = mark + timeout
         synced = self.sync_tree(instance, timeout)
+        timed["sync"] = round(time.monotonic() - mark, 1)
         if synced.rc != 0:
             return synced
-        return self.run_provisioner(instance, max(10.0, deadline - time.monotonic()))
+        mark = time.monotonic()
+        res = self.run_provisioner(instance, max(10.0, deadline - mark))
+        timed["provision"] = round(time.monotonic() - mark, 1)
+        return res
 
     def provision(self, instance: Instance, timeout: float) -> str:
         """Sync the tree and run the provisioner again (``sync_and_provision``);
