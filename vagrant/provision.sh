@@ -144,10 +144,9 @@ fi
 pairs=$(echo "$BACKENDS" | tr ',' ' ')
 if command -v systemctl >/dev/null 2>&1; then
     unit=$ROOT/etc/systemd/system/iomux-echo@.service
-    body=$(unit_body)
-    if [ "$(cat "$unit" 2>/dev/null || true)" != "$body" ]; then
+    if [ "$(cat "$unit" 2>/dev/null || true)" != "$(unit_body)" ]; then
         mkdir -p "${unit%/*}"
-        printf '%s\n' "$body" >"$unit"; systemctl daemon-reload; changed=$((changed + 1)); restart=1
+        unit_body >"$unit"; systemctl daemon-reload; changed=$((changed + 1)); restart=1
     fi
     mkdir -p "$ROOT/etc/iomux"
     units="" todo=""
