@@ -17,6 +17,9 @@ from pathlib import Path
 
 import pytest
 
+# How make unit's workers share the tests: groups that hold, the long ones first.
+from unit_scheduling import pytest_collection_modifyitems, pytest_configure  # noqa: F401
+
 from harness import kept_targets
 
 _SESSION = os.environ.get("PYTEST_XDIST_TESTRUNUID") or f"solo-{os.getpid()}"
@@ -28,3 +31,4 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
     """The controller (or a run without xdist) removes the session's store."""
     if not hasattr(session.config, "workerinput"):
         shutil.rmtree(SESSION_STORE, ignore_errors=True)
+

@@ -26,6 +26,15 @@ from harness.targets import load
 HOSTILE = ["; rm -rf /", "'single'", '"double"', "$(id)", "`id`", "a b", "*", "\\", "-x"]
 
 
+def targets_on_one_worker(*names: str) -> list[Any]:
+    """``target_name`` values for a subclass's class-scoped parametrisation, each in an
+    xdist group of its own, so that one worker runs all of a target's cases: its
+    class-scoped guest is then booted once, not once on every worker that drew one of
+    its cases (make unit runs on several workers, --dist loadgroup)."""
+    return [pytest.param(name, marks=pytest.mark.xdist_group(f"driver-cases-{name}"))
+            for name in names]
+
+
 class KernelDriverCases:
     """The shared cases; a subclass sets the class attributes and ``guest_pids``."""
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import pytest
-from kernel_driver_cases import KernelDriverCases
+from kernel_driver_cases import KernelDriverCases, targets_on_one_worker
 
 from harness.drivers import kernels
 from harness.drivers.base import Instance, Target, TargetError
@@ -22,7 +22,8 @@ from harness.drivers.gvisor import GVisorDriver, runsc_platform, sandbox_cgroups
 pytestmark = pytest.mark.slow
 
 
-@pytest.mark.parametrize("target_name", ["gvisor-2022", "gvisor-2024"], scope="class")
+@pytest.mark.parametrize("target_name", targets_on_one_worker("gvisor-2022", "gvisor-2024"),
+                         scope="class")
 class TestGVisorDriver(KernelDriverCases):
     driver: ClassVar[kernels.KernelDriver] = GVisorDriver()
     missing_version: ClassVar[str] = "0.0~19990101.0-1"

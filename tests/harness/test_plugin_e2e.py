@@ -43,6 +43,7 @@ def load_results(reports: Path) -> dict[str, Any]:
     return results
 
 
+@pytest.mark.long(23)
 def test_local_passes_and_a_missing_engine_is_not_run(tmp_path: Path) -> None:
     closed = tmp_path / "no-docker.sock"  # nothing listens here
     proc, reports = run_harness(

@@ -471,6 +471,7 @@ def _ours_on(client: Any) -> list[str]:
 
 
 @pytest.mark.slow
+@pytest.mark.long(57)
 @pytest.mark.xdist_group("remote-engine")
 @pytest.mark.skipif(_second_engine_reason() is not None, reason=str(_second_engine_reason()))
 def test_a_target_on_a_second_engine_passes_all_its_suites(tmp_path: Path) -> None:

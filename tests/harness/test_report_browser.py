@@ -26,8 +26,10 @@ REPO = Path(__file__).resolve().parents[2]
 WIDTH, HEIGHT = 1400, 1000
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
-pytestmark = pytest.mark.skipif(
-    CHROMIUM is None, reason="chromium not installed (apt-get install chromium; make unit does)")
+# One worker runs the module (make unit: --dist loadgroup), so its report is made once.
+pytestmark = [pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed "
+                                 "(apt-get install chromium; make unit does)"),
+              pytest.mark.xdist_group("report-browser")]
 
 PROBE = """<script>
 (function () {

@@ -247,6 +247,7 @@ def test_make_runs_stop_when_the_tests_fail(machine: dict[str, Path], tmp_path: 
     assert not machine["up"].exists()
 
 
+@pytest.mark.long(19)
 def test_make_test_all_os_as_a_user_who_may_not_install(machine: dict[str, Path],
                                                         tmp_path: Path) -> None:
     # The README's main command where nothing may be installed: it changes nothing,

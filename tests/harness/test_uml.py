@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import pytest
-from kernel_driver_cases import KernelDriverCases
+from kernel_driver_cases import KernelDriverCases, targets_on_one_worker
 
 from harness.drivers import kernel_builds, kernels
 from harness.drivers.base import Instance, StepTimeout, Target, TargetError
@@ -24,7 +24,8 @@ from harness.targets import load
 pytestmark = pytest.mark.slow
 
 
-@pytest.mark.parametrize("target_name", ["uml-6-1", "uml-6-12"], scope="class")
+@pytest.mark.parametrize("target_name", targets_on_one_worker("uml-6-1", "uml-6-12"),
+                         scope="class")
 class TestUMLDriver(KernelDriverCases):
     driver: ClassVar[kernels.KernelDriver] = UMLDriver()
     missing_version: ClassVar[str] = "5.0um1"

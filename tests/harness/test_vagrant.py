@@ -177,6 +177,7 @@ def debian_vm(driver: vd.VagrantDriver, engine_reason: str | None,
 
 
 @pytest.mark.slow
+@pytest.mark.long(75)
 def test_full_cycle_up_check_exec_provision_destroy(driver: vd.VagrantDriver,
                                                     debian_vm: dict[str, Any],
                                                     tmp_path: Path) -> None:
