@@ -663,6 +663,14 @@ _healthy_gaps = _GapRecord()
 #: 6 s here, 12 s on the stretched targets.
 PUMP_STALL = 6.0
 
+#: How long writing must have stalled (no flow writable, nothing to read) before a
+#: ``read_late`` pump starts reading: stretched like every wait, never past the half
+#: second it was. A stall means the server has stopped reading (backpressure), which
+#: is what read_late waits for; waiting on after that proved nothing, and the half
+#: second cost every target 2 s of its in-guest suite and 2 s of its fault suite
+#: (two read_late tests, four backends each).
+READ_LATE_STALL = 0.1
+
 
 def stall_window(stall: float) -> float:
     """How long pump waits with no byte moving before it calls a transfer stalled:
@@ -671,7 +679,8 @@ def stall_window(stall: float) -> float:
     A stall is no progress at all, not slowness, and the slow targets are not slow
     at that: the longest gap in a completed transfer of a whole matrix
     (pump_gap_summary, 2026-12-04) was 1.51 s on the emulated VM, 0.88 s on
-    gVisor, 0.57 s on UML and 0.50 s (read_late's own half second) elsewhere,
+    gVisor, 0.57 s on UML and 0.50 s (read_late's own half second, since cut to
+    READ_LATE_STALL) elsewhere,
     against windows of 40-80 s stretched. Each of gVisor's expected netstack
     stalls (kernel_expectations.py) waited the whole 40 s out. In a cold
     .ci/run (2026-12-07, images built beside the tests) the longest were 2.53 s
@@ -707,7 +716,7 @@ def pump(
     ends once as many bytes came back as were sent. A small ``read_chunk`` makes
     a reader slower than its writer. With ``read_late`` a flow starts reading
     only once it has sent everything (and shut down), or when writing has
-    stalled for half a second: data and EOF then reach the server while its
+    stalled (READ_LATE_STALL): data and EOF then reach the server while its
     echo is still pending. No byte moving either way for ``stall`` seconds
     (stretched like ``timeout``, at most twice: ``stall_window``) fails at once,
     before the whole timeout: that is a stalled transfer, not a slow one.
@@ -735,6 +744,8 @@ def pump(
         # at each wake-up cost O(flows) (2,000 in the connection storm), 10x that
         # under emulation.
         total = 0
+        late = read_late  # not reading yet (flows that sent everything read already)
+        late_wait = min(wait(READ_LATE_STALL), 0.5)
         while open_flows:
             now = time.monotonic()
             remaining = deadline - now
@@ -751,9 +762,10 @@ def pump(
                 what = (f"no byte moved for {stall_window(stall):.1f}s" if stalled
                         else f"echo not complete after {wait(timeout):.1f}s")
                 raise AssertionError(f"{what}: " + "; ".join(progress[:10]))
-            ready = sel.select(min(remaining, 0.5))
-            if not ready and read_late:
+            ready = sel.select(min(remaining, late_wait if late else 0.5))
+            if not ready and late:
                 # Writing stalled (backpressure): read now, or nothing moves again.
+                late = False
                 for key in list(sel.get_map().values()):
                     sel.modify(key.fileobj, selectors.EVENT_READ | key.events, key.data)
             for key, mask in ready:
