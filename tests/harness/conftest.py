@@ -31,4 +31,3 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
     """The controller (or a run without xdist) removes the session's store."""
     if not hasattr(session.config, "workerinput"):
         shutil.rmtree(SESSION_STORE, ignore_errors=True)
-
